@@ -1,0 +1,175 @@
+"""One LLM call in flight: admitted with its worst case, settled with what it really used.
+
+Provider modules describe the call and report what the provider said; this
+module prices it, asks the ledger to admit it, and settles it exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from ._errors import UnknownModelPrice
+from ._ledger import LEDGER, Account, Reservation
+from ._records import CallRequest, Usage
+from .pricing import Rates, rates_for
+
+#: Output tokens reserved for a request that sets no output cap of its own.
+DEFAULT_OUTPUT_TOKENS = 4096
+
+log = logging.getLogger("runguard")
+
+
+class Call:
+    """What is known about one admitted call; usage fields keep the largest value seen.
+
+    Providers report usage cumulatively (an Anthropic stream repeats and
+    grows its counts; a raw response may be parsed twice), so keeping the
+    maximum per field never double counts.
+    """
+
+    __slots__ = (
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "deferred",
+        "hide_usage_chunk",
+        "input_tokens",
+        "llm_seconds",
+        "model",
+        "output_tokens",
+        "overrides",
+        "rates",
+        "reported",
+        "reservation",
+        "settle_on_body",
+    )
+
+    def __init__(
+        self,
+        reservation: Reservation,
+        rates: Rates | None,
+        overrides: tuple[Mapping[str, Rates | str], ...],
+    ) -> None:
+        self.reservation = reservation
+        self.rates = rates
+        self.overrides = overrides
+        self.llm_seconds = 0.0
+        self.model: str | None = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
+        self.reported = False
+        #: a chat-completion stream whose usage chunk RunGuard asked for
+        self.hide_usage_chunk = False
+        #: settled when its body has been read, not when request() returns
+        self.deferred = False
+        #: a body read after the call returned (``with_streaming_response``)
+        self.settle_on_body = False
+
+    @property
+    def request(self) -> CallRequest:
+        return self.reservation.request
+
+    def observe(
+        self,
+        model: object,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        final: bool = True,
+    ) -> None:
+        """Record usage the provider reported; ``final`` once the counts are complete."""
+        if isinstance(model, str) and model:
+            self.model = model
+        self.input_tokens = max(self.input_tokens, input_tokens)
+        self.output_tokens = max(self.output_tokens, output_tokens)
+        self.cache_read_tokens = max(self.cache_read_tokens, cache_read_tokens)
+        self.cache_write_tokens = max(self.cache_write_tokens, cache_write_tokens)
+        if final:
+            self.reported = True
+            if self.settle_on_body:
+                self.finish()
+
+    def finish(self, failed: bool = False) -> None:
+        """Settle the call (once; later calls do nothing)."""
+        if not self.reservation.open:
+            return
+        try:
+            usage = self._usage(failed)
+        except Exception:  # accounting must never break the agent's call
+            log.exception("runguard: could not compute usage; charging the reservation")
+            request = self.request
+            usage = Usage(
+                calls=1,
+                input_tokens=request.input_tokens,
+                output_tokens=request.max_output_tokens,
+                cost_usd=request.max_cost_usd or 0.0,
+                estimated_calls=1,
+            )
+        LEDGER.settle(self.reservation, usage)
+
+    def _usage(self, failed: bool) -> Usage:
+        request = self.request
+        estimated = not self.reported and not failed
+        input_tokens = self.input_tokens
+        output_tokens = self.output_tokens
+        if estimated:
+            # Usage never arrived (an abandoned stream, a provider that sends
+            # none): charge the worst case that was reserved for what is missing.
+            input_tokens = input_tokens or request.input_tokens
+            output_tokens = max(output_tokens, request.max_output_tokens)
+        rates = self.rates
+        if self.model is not None and self.model != request.model:
+            rates = rates_for(request.provider, self.model, self.overrides) or rates
+        if rates is None:
+            cost = 0.0
+        else:
+            cost = rates.cost(
+                input_tokens, output_tokens, self.cache_read_tokens, self.cache_write_tokens
+            )
+        return Usage(
+            calls=1,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            cost_usd=cost,
+            llm_seconds=self.llm_seconds,
+            estimated_calls=1 if estimated else 0,
+            unpriced_calls=1 if rates is None and (input_tokens or output_tokens) else 0,
+        )
+
+
+def start_call(
+    accounts: tuple[Account, ...],
+    provider: str,
+    endpoint: str,
+    model: str,
+    input_tokens: int,
+    max_output_tokens: int | None,
+    stream: bool,
+) -> Call:
+    """Price the worst case of a call and admit it in every account, or raise."""
+    capped = max_output_tokens is not None
+    output = max_output_tokens if max_output_tokens is not None else DEFAULT_OUTPUT_TOKENS
+    overrides = tuple(a.prices for a in accounts if a.prices)
+    rates = rates_for(provider, model, overrides)
+    if rates is None:
+        if any(a.needs_price for a in accounts):
+            raise UnknownModelPrice(provider, model)
+        worst = None
+    else:
+        worst = rates.cost(input_tokens, output)
+    request = CallRequest(
+        provider=provider,
+        endpoint=endpoint,
+        model=model,
+        input_tokens=input_tokens,
+        max_output_tokens=output,
+        output_capped=capped,
+        stream=stream,
+        max_cost_usd=worst,
+    )
+    return Call(LEDGER.admit(accounts, request), rates, overrides)

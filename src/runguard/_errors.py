@@ -1,0 +1,62 @@
+"""Exceptions raised by RunGuard.
+
+None of them subclasses an SDK error, and no message contains the words the
+SDKs or MLflow's evaluation harness treat as retryable (a status code such as
+429, or "rate limit"): a refused call must never be retried by a layer below.
+"""
+
+from __future__ import annotations
+
+from ._records import Trip, Usage
+
+
+class RunGuardError(Exception):
+    """Base class of every exception RunGuard raises on purpose."""
+
+
+class GuardTripped(RunGuardError):
+    """A guard refused an LLM call; nothing was sent.
+
+    ``trip`` says which guard, why, the limit and the observed value;
+    ``usage`` is what the tripped RunGuard had spent at that moment.
+    """
+
+    def __init__(self, trip: Trip, usage: Usage) -> None:
+        self.trip = trip
+        self.usage = usage
+        super().__init__(describe(trip))
+
+    def __reduce__(self) -> tuple[type[GuardTripped], tuple[Trip, Usage]]:
+        return (type(self), (self.trip, self.usage))
+
+
+class BudgetExceeded(GuardTripped):
+    """A call, token or dollar ceiling would have been crossed."""
+
+
+class UnknownModelPrice(RunGuardError, LookupError):
+    """A dollar ceiling is active but the call's model has no known price."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        super().__init__(
+            f"RunGuard has no price for {provider} model {model!r}, and a dollar ceiling "
+            f"(max_cost_usd) is active, so the call was not sent. Supply one with "
+            f"RunGuard(prices={{{model!r}: runguard.Price(input=..., output=...)}}) "
+            f"(USD per million tokens), or map it to a known model with "
+            f"prices={{{model!r}: 'gpt-4o'}}."
+        )
+
+
+class InstrumentationError(RunGuardError):
+    """An installed SDK no longer has the private methods RunGuard hooks.
+
+    Raised instead of running unguarded: a guard that cannot see calls would
+    count silently wrong.
+    """
+
+
+def describe(trip: Trip) -> str:
+    where = f"RunGuard {trip.run!r}" if trip.run else "RunGuard"
+    return f"{where}: {trip.guard} tripped: {trip.reason}"

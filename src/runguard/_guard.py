@@ -1,0 +1,284 @@
+"""RunGuard and @guarded: lifecycle, nesting and scope of a set of ceilings."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, TypeVar, cast, overload
+
+from typing_extensions import ParamSpec, Self
+
+from ._errors import GuardTripped
+from ._ledger import LEDGER, Account, raise_trip
+from ._records import Trip, Usage
+from ._scope import active_accounts, context_accounts
+from .guards import Ceiling, Guard
+from .pricing import Price, normalize_prices
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Scope = Literal["context", "process"]
+
+# keyword -> (metric, whether it counts in whole units)
+_CEILINGS: dict[str, tuple[str, bool]] = {
+    "max_calls": ("calls", True),
+    "max_input_tokens": ("input_tokens", True),
+    "max_output_tokens": ("output_tokens", True),
+    "max_total_tokens": ("total_tokens", True),
+    "max_cost_usd": ("cost_usd", False),
+}
+
+
+def _ceiling(field: str, value: object, whole: bool) -> Ceiling:
+    metric = _CEILINGS[field][0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an int" if whole else "a number"
+        raise TypeError(f"{field} must be {kind}, got {type(value).__name__}")
+    if whole and not isinstance(value, int):
+        raise TypeError(f"{field} must be an int, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{field} must be greater than 0, got {value!r}")
+    return Ceiling(field, metric, value)
+
+
+def _check_guard(guard: object) -> Guard:
+    if not isinstance(guard, Guard):
+        raise TypeError(
+            f"guards must implement runguard.guards.Guard (name, needs_price, admit, "
+            f"settled); got {type(guard).__name__}"
+        )
+    return guard
+
+
+class RunGuard:
+    """Ceilings on what the LLM calls made inside it may spend.
+
+    Every call the ``openai`` and ``anthropic`` SDKs make inside the guard is
+    admitted before it is sent (its worst case reserved under one lock in
+    this guard and every enclosing one) and charged with its real usage when
+    it returns. The first ceiling that would be crossed trips the guard: the
+    call is refused with a :class:`GuardTripped` subclass, nothing is sent,
+    and every later call inside the guard is refused the same way.
+
+    Args:
+        max_calls: LLM calls admitted (failed calls count; refused ones do not).
+        max_input_tokens: input tokens, cache reads and writes included.
+        max_output_tokens: output tokens, reasoning tokens included.
+        max_total_tokens: input plus output tokens.
+        max_cost_usd: dollars, priced from genai-prices (or ``prices``).
+        guards: extra guards implementing :class:`runguard.guards.Guard`.
+        prices: per-model overrides: a :class:`Price` or the name of a known
+            model to price it as.
+        name: shown in messages, trips and reports.
+        scope: ``"context"`` (default) covers the thread or asyncio task that
+            enters the guard and the tasks it spawns; ``"process"`` covers
+            every thread of the process.
+        raise_on_exit: when the guard tripped, leaving the ``with`` block
+            raises the trip even if the agent swallowed the exception. Pass
+            False to end the block quietly and read :attr:`trip`.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_calls: int | None = None,
+        max_input_tokens: int | None = None,
+        max_output_tokens: int | None = None,
+        max_total_tokens: int | None = None,
+        max_cost_usd: float | None = None,
+        guards: Iterable[Guard] = (),
+        prices: Mapping[str, Price | str] | None = None,
+        name: str | None = None,
+        scope: Scope = "context",
+        raise_on_exit: bool = True,
+    ) -> None:
+        limits = {
+            "max_calls": max_calls,
+            "max_input_tokens": max_input_tokens,
+            "max_output_tokens": max_output_tokens,
+            "max_total_tokens": max_total_tokens,
+            "max_cost_usd": max_cost_usd,
+        }
+        built: list[Guard] = [
+            _ceiling(field, value, _CEILINGS[field][1])
+            for field, value in limits.items()
+            if value is not None
+        ]
+        if isinstance(guards, (str, bytes)) or not isinstance(guards, Iterable):
+            raise TypeError("guards must be an iterable of guard objects")
+        built.extend(_check_guard(g) for g in guards)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if scope not in ("context", "process"):
+            raise ValueError(f"scope must be 'context' or 'process', got {scope!r}")
+        if not isinstance(raise_on_exit, bool):
+            raise TypeError(f"raise_on_exit must be a bool, got {type(raise_on_exit).__name__}")
+        self.name = name
+        self.scope: Scope = scope
+        self.raise_on_exit = raise_on_exit
+        self._account = Account(name, built, normalize_prices(prices))
+        self._account.owner = self
+        self._token: contextvars.Token[tuple[Account, ...]] | None = None
+        self._state: Literal["new", "active", "done"] = "new"
+
+    # -- what the guard has seen -------------------------------------------------
+
+    @property
+    def guards(self) -> tuple[Guard, ...]:
+        """The guards this RunGuard enforces, keyword ceilings first."""
+        return self._account.guards
+
+    @property
+    def usage(self) -> Usage:
+        """What the calls inside this guard have spent so far (a frozen snapshot)."""
+        return LEDGER.snapshot(self._account)
+
+    @property
+    def trip(self) -> Trip | None:
+        """The trip that latched this guard, or None while it is closed."""
+        return self._account.trip
+
+    @property
+    def tripped(self) -> bool:
+        return self._account.trip is not None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        if self._state != "new":
+            raise RuntimeError(
+                "a RunGuard can be entered once; create a new one (or use @guarded, "
+                "which makes a fresh one per call)"
+            )
+        from .providers import instrument
+
+        instrument()
+        self._state = "active"
+        if self.scope == "process":
+            LEDGER.attach(self._account)
+        else:
+            self._token = context_accounts.set((self._account, *context_accounts.get()))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._leave()
+        trip = self._account.trip
+        if trip is None:
+            return False
+        if isinstance(exc, GuardTripped) and exc.trip is trip:
+            # Our own trip is propagating: end quietly if asked, else let it go.
+            return not self.raise_on_exit
+        if self.raise_on_exit and exc is None:
+            # The agent swallowed the refusal (or usage overshot after the
+            # last call): make the trip visible where the block ends.
+            raise_trip(self._account, LEDGER)
+        return False
+
+    async def __aenter__(self) -> Self:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    def _leave(self) -> None:
+        if self._state != "active":
+            return
+        self._state = "done"
+        if self.scope == "process":
+            LEDGER.detach(self._account)
+            return
+        token, self._token = self._token, None
+        try:
+            if token is not None:
+                context_accounts.reset(token)
+                return
+        except ValueError:
+            pass  # exited in another context than it was entered in
+        context_accounts.set(tuple(a for a in context_accounts.get() if a is not self._account))
+
+    def __repr__(self) -> str:
+        state = "tripped" if self.tripped else self._state
+        label = f" {self.name!r}" if self.name else ""
+        return f"<RunGuard{label} {state} guards={[g.name for g in self.guards]}>"
+
+
+def current_guard() -> RunGuard | None:
+    """The innermost RunGuard covering the caller, or None."""
+    accounts = active_accounts()
+    if not accounts:
+        return None
+    owner = accounts[0].owner
+    return owner if isinstance(owner, RunGuard) else None
+
+
+@overload
+def guarded(fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def guarded(fn: None = None, /, **settings: Any) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def guarded(fn: Callable[P, R] | None = None, /, **settings: Any) -> Any:
+    """Run each call of the decorated function inside a fresh ``RunGuard(**settings)``.
+
+    Works on sync and ``async def`` functions. The settings are validated
+    once, when the function is decorated.
+    """
+    RunGuard(**settings)  # invalid settings fail at decoration time, naming the field
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with RunGuard(**settings):
+                    return await func(*args, **kwargs)  # type: ignore[misc]
+                return None  # a trip ended quietly (raise_on_exit=False)
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with RunGuard(**settings):
+                return func(*args, **kwargs)
+            return cast(R, None)  # a trip ended quietly (raise_on_exit=False)
+
+        return run
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def propagate(fn: Callable[P, R]) -> Callable[P, R]:
+    """Bind ``fn`` to the caller's context-scoped guards, for use in other threads.
+
+    Threads do not inherit context variables, so a context-scoped RunGuard
+    does not cover work submitted to a thread pool. Wrap the function where
+    the guard is active: ``pool.submit(runguard.propagate(work), item)``.
+    Each call runs in its own copy of the captured context, so one wrapped
+    function can run in many threads at once.
+    """
+    captured = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return captured.copy().run(fn, *args, **kwargs)
+
+    return run

@@ -1,0 +1,226 @@
+"""The ledger: what each RunGuard has spent and reserved. The one lock lives here.
+
+Admission and settlement of a call touch every active RunGuard under this
+single lock, so nested guards and racing threads or tasks see one consistent
+order of events: under 64 threads against ``max_calls=100``, exactly 100
+calls are admitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from itertools import count
+from typing import TYPE_CHECKING
+
+from ._errors import GuardTripped
+from ._records import CallRequest, Trip, Usage
+
+if TYPE_CHECKING:
+    from .guards import Guard
+    from .pricing import Rates
+
+_serials = count(1)
+
+
+class Account:
+    """A RunGuard's running totals, as its guards see them.
+
+    Plain attributes, read by guards under the ledger's lock and written only
+    by the ledger. ``reserved_*`` is the worst case of calls admitted but not
+    yet settled.
+    """
+
+    __slots__ = (
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "calls",
+        "cost_usd",
+        "estimated_calls",
+        "guards",
+        "input_tokens",
+        "llm_seconds",
+        "name",
+        "needs_price",
+        "output_tokens",
+        "owner",
+        "prices",
+        "reserved_calls",
+        "reserved_cost_usd",
+        "reserved_input_tokens",
+        "reserved_output_tokens",
+        "serial",
+        "trip",
+        "unpriced_calls",
+    )
+
+    def __init__(
+        self,
+        name: str | None,
+        guards: Sequence[Guard],
+        prices: Mapping[str, Rates | str],
+    ) -> None:
+        self.name = name
+        self.guards = tuple(guards)
+        self.prices = prices
+        self.needs_price = any(getattr(g, "needs_price", False) for g in self.guards)
+        self.serial = next(_serials)
+        #: the RunGuard this account belongs to (for ``current_guard()``)
+        self.owner: object = None
+        self.trip: Trip | None = None
+        self.calls = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
+        self.cost_usd = 0.0
+        self.llm_seconds = 0.0
+        self.estimated_calls = 0
+        self.unpriced_calls = 0
+        self.reserved_calls = 0
+        self.reserved_input_tokens = 0
+        self.reserved_output_tokens = 0
+        self.reserved_cost_usd = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def reserved_total_tokens(self) -> int:
+        return self.reserved_input_tokens + self.reserved_output_tokens
+
+    def usage(self) -> Usage:
+        return Usage(
+            calls=self.calls,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            cost_usd=self.cost_usd,
+            llm_seconds=self.llm_seconds,
+            estimated_calls=self.estimated_calls,
+            unpriced_calls=self.unpriced_calls,
+        )
+
+
+class Reservation:
+    """A call's worst case held in every active account until it settles, once."""
+
+    __slots__ = ("accounts", "open", "request")
+
+    def __init__(self, accounts: tuple[Account, ...], request: CallRequest) -> None:
+        self.accounts = accounts
+        self.request = request
+        self.open = True
+
+
+class Ledger:
+    """Reserves before a call and settles after it, for every active RunGuard at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: RunGuards with ``scope="process"``, innermost first.
+        self.process: tuple[Account, ...] = ()
+
+    def attach(self, account: Account) -> None:
+        with self._lock:
+            self.process = (account, *self.process)
+
+    def detach(self, account: Account) -> None:
+        with self._lock:
+            self.process = tuple(a for a in self.process if a is not account)
+
+    def snapshot(self, account: Account) -> Usage:
+        with self._lock:
+            return account.usage()
+
+    def admit(self, accounts: tuple[Account, ...], request: CallRequest) -> Reservation:
+        """Reserve ``request``'s worst case in every account, or raise and reserve nothing."""
+        refused: tuple[Account, Trip] | None = None
+        with self._lock:
+            for account in accounts:
+                trip = account.trip
+                if trip is None:
+                    for guard in account.guards:
+                        trip = guard.admit(request, account)
+                        if trip is not None:
+                            trip = account.trip = _own(trip, account)
+                            break
+                if trip is not None:
+                    refused = account, trip
+                    usage = account.usage()
+                    break
+            else:
+                cost = request.max_cost_usd or 0.0
+                for account in accounts:
+                    account.reserved_calls += 1
+                    account.reserved_input_tokens += request.input_tokens
+                    account.reserved_output_tokens += request.max_output_tokens
+                    account.reserved_cost_usd += cost
+                return Reservation(accounts, request)
+        raise _exception(refused[1], usage)
+
+    def settle(self, reservation: Reservation, usage: Usage) -> None:
+        """Release the reservation and charge ``usage``; latch guards it pushed over.
+
+        Only the first settlement of a reservation counts: a stream may be
+        settled by its end, its close and its garbage collection alike.
+        """
+        request = reservation.request
+        cost = request.max_cost_usd or 0.0
+        with self._lock:
+            if not reservation.open:
+                return
+            reservation.open = False
+            for account in reservation.accounts:
+                account.reserved_calls -= 1
+                account.reserved_input_tokens -= request.input_tokens
+                account.reserved_output_tokens -= request.max_output_tokens
+                account.reserved_cost_usd -= cost
+                if account.reserved_calls == 0:
+                    # float sums of +x then -x need not return to exactly 0
+                    account.reserved_cost_usd = 0.0
+                account.calls += usage.calls
+                account.input_tokens += usage.input_tokens
+                account.output_tokens += usage.output_tokens
+                account.cache_read_tokens += usage.cache_read_tokens
+                account.cache_write_tokens += usage.cache_write_tokens
+                account.cost_usd += usage.cost_usd
+                account.llm_seconds += usage.llm_seconds
+                account.estimated_calls += usage.estimated_calls
+                account.unpriced_calls += usage.unpriced_calls
+                if account.trip is None:
+                    for guard in account.guards:
+                        trip = guard.settled(request, usage, account)
+                        if trip is not None:
+                            account.trip = _own(trip, account)
+                            break
+
+    def latch(self, account: Account, trip: Trip) -> Trip:
+        """Trip ``account`` unless it already tripped; returns the trip in force."""
+        with self._lock:
+            if account.trip is None:
+                account.trip = _own(trip, account)
+            return account.trip
+
+
+def _own(trip: Trip, account: Account) -> Trip:
+    if trip.run == account.name:
+        return trip
+    return dataclasses.replace(trip, run=account.name)
+
+
+def _exception(trip: Trip, usage: Usage) -> GuardTripped:
+    return (trip.exception or GuardTripped)(trip, usage)
+
+
+def raise_trip(account: Account, ledger: Ledger) -> None:
+    """Raise the exception for ``account``'s trip, with its usage now."""
+    trip = account.trip
+    if trip is not None:
+        raise _exception(trip, ledger.snapshot(account))
+
+
+LEDGER = Ledger()

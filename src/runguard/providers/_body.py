@@ -1,0 +1,43 @@
+"""Reading request bodies: SDK sentinels (``NOT_GIVEN``, ``Omit``) count as absent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def body_of(options: Any) -> dict[str, Any] | None:
+    """The JSON body a request will send, with ``extra_body`` merged in."""
+    body = getattr(options, "json_data", None)
+    if not isinstance(body, dict):
+        return None
+    extra = getattr(options, "extra_json", None)
+    if isinstance(extra, dict) and extra:
+        body = {**body, **extra}
+    return body
+
+
+def int_field(body: dict[str, Any], *names: str) -> int | None:
+    """The first of ``names`` that holds a real int (not a bool, not a sentinel)."""
+    for name in names:
+        value = body.get(name)
+        if type(value) is int:
+            return value
+    return None
+
+
+def str_field(body: dict[str, Any], name: str, default: str = "unknown") -> str:
+    value = body.get(name)
+    return value if type(value) is str else default
+
+
+def path_of(options: Any) -> str | None:
+    if str(getattr(options, "method", "")).lower() != "post":
+        return None
+    url = getattr(options, "url", None)
+    if not isinstance(url, str):
+        return None
+    return url.partition("?")[0]
+
+
+def as_int(value: Any) -> int:
+    return value if type(value) is int else 0

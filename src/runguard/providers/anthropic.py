@@ -1,0 +1,73 @@
+"""The ``anthropic`` SDK (also Bedrock, Vertex and beta clients): LLM calls and their usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._call import Call
+from ..tokens import count_content, count_messages, counter_for
+from ._body import as_int, body_of, int_field, path_of, str_field
+from ._stainless import Plan
+
+name = "anthropic"
+
+_ENDPOINTS = {"/v1/messages": "messages", "/v1/complete": "complete"}
+
+
+def describe(options: Any) -> Plan | None:
+    # Bedrock and Vertex rewrite the URL and move the model later, inside the
+    # retry loop; at request() the logical path and the model are still here.
+    path = path_of(options)
+    endpoint = _ENDPOINTS.get(path) if path is not None else None
+    if endpoint is None:
+        return None
+    body = body_of(options)
+    if body is None:
+        return None
+    model = str_field(body, "model")
+    count = counter_for(name, model)
+    if endpoint == "messages":
+        tokens = count_messages(body.get("messages"), count)
+        for key in ("system", "tools"):
+            if key in body:
+                tokens += count_content(body[key], count)
+        cap = int_field(body, "max_tokens")
+    else:
+        tokens = count_content(body.get("prompt"), count)
+        cap = int_field(body, "max_tokens_to_sample")
+    return Plan(endpoint, model, tokens, cap, body.get("stream") is True)
+
+
+def prepare(options: Any, call: Call) -> Any:
+    return options  # Anthropic streams always carry their usage
+
+
+def read_usage(data: Any, call: Call) -> None:
+    if not isinstance(data, dict):
+        return
+    kind = data.get("type")
+    if kind == "message":
+        usage, model, final = data.get("usage"), data.get("model"), True
+    elif kind == "message_start":
+        message = data.get("message")
+        if not isinstance(message, dict):
+            return
+        usage, model, final = message.get("usage"), message.get("model"), False
+    elif kind == "message_delta":
+        # cumulative counts for the whole message so far; the last one is final
+        usage, model, final = data.get("usage"), None, True
+    else:
+        return
+    if not isinstance(usage, dict):
+        return
+    cache_read = as_int(usage.get("cache_read_input_tokens"))
+    cache_write = as_int(usage.get("cache_creation_input_tokens"))
+    fresh = as_int(usage.get("input_tokens"))
+    call.observe(
+        model,
+        fresh + cache_read + cache_write if fresh or cache_read or cache_write else 0,
+        as_int(usage.get("output_tokens")),
+        cache_read,
+        cache_write,
+        final=final,
+    )

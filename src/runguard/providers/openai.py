@@ -1,0 +1,128 @@
+"""The ``openai`` SDK: which requests are LLM calls, and where their usage is."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .._call import Call
+from ..tokens import count_content, count_messages, counter_for
+from ._body import as_int, body_of, int_field, path_of, str_field
+from ._stainless import Plan
+
+name = "openai"
+
+_ENDPOINTS = {
+    "/chat/completions": "chat.completions",
+    "/responses": "responses",
+    "/responses/compact": "responses.compact",
+    "/completions": "completions",
+    "/embeddings": "embeddings",
+}
+#: the legacy completions API's own default for ``max_tokens``
+_LEGACY_DEFAULT_MAX_TOKENS = 16
+_TERMINAL_RESPONSE_EVENTS = frozenset(
+    {"response.completed", "response.incomplete", "response.failed"}
+)
+
+
+def describe(options: Any) -> Plan | None:
+    path = path_of(options)
+    endpoint = _ENDPOINTS.get(path) if path is not None else None
+    if endpoint is None:
+        return None
+    body = body_of(options)
+    if body is None:
+        return None
+    model = str_field(body, "model")
+    count = counter_for(name, model)
+    stream = body.get("stream") is True
+    copies = max(int_field(body, "n") or 1, int_field(body, "best_of") or 1)
+    if endpoint == "chat.completions":
+        tokens = count_messages(body.get("messages"), count)
+        for key in ("tools", "functions", "response_format"):
+            if key in body:
+                tokens += count_content(body[key], count)
+        cap = int_field(body, "max_completion_tokens", "max_tokens")
+    elif endpoint.startswith("responses"):
+        tokens = count_messages(body.get("input"), count)
+        for key in ("instructions", "tools", "text"):
+            if key in body:
+                tokens += count_content(body[key], count)
+        cap = int_field(body, "max_output_tokens")
+    elif endpoint == "completions":
+        tokens = _count_inputs(body.get("prompt"), count)
+        cap = int_field(body, "max_tokens") or _LEGACY_DEFAULT_MAX_TOKENS
+    else:  # embeddings produce no output tokens
+        tokens = _count_inputs(body.get("input"), count)
+        cap = 0
+    if cap is not None:
+        cap *= copies
+    return Plan(endpoint, model, tokens, cap, stream)
+
+
+def _count_inputs(value: Any, count: Any) -> int:
+    """Prompts and embedding inputs: text, lists of text, or lists of token ids."""
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_count_inputs(v, count) for v in value)
+    return count_content(value, count)
+
+
+def prepare(options: Any, call: Call) -> Any:
+    """Ask a chat-completion stream for its usage, and hide that extra chunk from the caller.
+
+    Without ``stream_options.include_usage`` the provider reports no usage on
+    a stream. Raw streaming responses are left alone: their caller reads the
+    bytes, so an extra chunk would show.
+    """
+    if call.request.endpoint != "chat.completions":
+        return options
+    headers = getattr(options, "headers", None)
+    if isinstance(headers, dict) and headers.get("X-Stainless-Raw-Response"):
+        return options
+    body = getattr(options, "json_data", None)
+    if not isinstance(body, dict):
+        return options
+    stream_options = body.get("stream_options")
+    if isinstance(stream_options, dict) and stream_options.get("include_usage") is True:
+        return options
+    merged = dict(stream_options) if isinstance(stream_options, dict) else {}
+    merged["include_usage"] = True
+    prepared = copy.copy(options)
+    prepared.json_data = {**body, "stream_options": merged}
+    call.hide_usage_chunk = True
+    return prepared
+
+
+def read_usage(data: Any, call: Call) -> None:
+    if not isinstance(data, dict):
+        return
+    if "event" in data and isinstance(data.get("data"), dict):
+        data = data["data"]  # the SDK's synthesized {"event", "data"} envelope
+    usage = data.get("usage")
+    model = data.get("model")
+    if usage is None and data.get("type") in _TERMINAL_RESPONSE_EVENTS:
+        response = data.get("response")
+        if isinstance(response, dict):
+            usage = response.get("usage")
+            model = response.get("model")
+    if not isinstance(usage, dict):
+        return
+    if "prompt_tokens" in usage:  # chat completions, legacy completions, embeddings
+        details = usage.get("prompt_tokens_details")
+        call.observe(
+            model,
+            as_int(usage.get("prompt_tokens")),
+            as_int(usage.get("completion_tokens")),
+            as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+        )
+    else:  # responses
+        details = usage.get("input_tokens_details")
+        call.observe(
+            model,
+            as_int(usage.get("input_tokens")),
+            as_int(usage.get("output_tokens")),
+            as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+        )
