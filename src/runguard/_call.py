@@ -20,7 +20,7 @@ DEFAULT_OUTPUT_TOKENS = 4096
 log = logging.getLogger("runguard")
 
 
-class Call:
+class Call(Reservation):
     """What is known about one admitted call; usage fields keep the largest value seen.
 
     Providers report usage cumulatively (an Anthropic stream repeats and
@@ -40,17 +40,17 @@ class Call:
         "overrides",
         "rates",
         "reported",
-        "reservation",
         "settle_on_body",
     )
 
     def __init__(
         self,
-        reservation: Reservation,
+        accounts: tuple[Account, ...],
+        request: CallRequest,
         rates: Rates | None,
         overrides: tuple[Mapping[str, Rates | str], ...],
     ) -> None:
-        self.reservation = reservation
+        super().__init__(accounts, request)
         self.rates = rates
         self.overrides = overrides
         self.llm_seconds = 0.0
@@ -66,10 +66,6 @@ class Call:
         self.deferred = False
         #: a body read after the call returned (``with_streaming_response``)
         self.settle_on_body = False
-
-    @property
-    def request(self) -> CallRequest:
-        return self.reservation.request
 
     def observe(
         self,
@@ -94,7 +90,7 @@ class Call:
 
     def finish(self, failed: bool = False) -> None:
         """Settle the call (once; later calls do nothing)."""
-        if not self.reservation.open:
+        if not self.open:
             return
         try:
             usage = self._usage(failed)
@@ -108,7 +104,7 @@ class Call:
                 cost_usd=request.max_cost_usd or 0.0,
                 estimated_calls=1,
             )
-        LEDGER.settle(self.reservation, usage)
+        LEDGER.settle(self, usage)
 
     def _usage(self, failed: bool) -> Usage:
         request = self.request
@@ -172,4 +168,6 @@ def start_call(
         stream=stream,
         max_cost_usd=worst,
     )
-    return Call(LEDGER.admit(accounts, request), rates, overrides)
+    call = Call(accounts, request, rates, overrides)
+    LEDGER.admit(call)
+    return call

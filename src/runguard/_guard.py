@@ -248,7 +248,7 @@ def guarded(fn: Callable[P, R] | None = None, /, **settings: Any) -> Any:
             @functools.wraps(func)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 with RunGuard(**settings):
-                    return await func(*args, **kwargs)  # type: ignore[misc]
+                    return await func(*args, **kwargs)
                 return None  # a trip ended quietly (raise_on_exit=False)
 
             return run_async  # type: ignore[return-value]

@@ -106,14 +106,18 @@ class Account:
 
 
 class Reservation:
-    """A call's worst case held in every active account until it settles, once."""
+    """A call's worst case held in every active account from admission until it settles.
+
+    ``open`` is True between a successful :meth:`Ledger.admit` and the first
+    :meth:`Ledger.settle`.
+    """
 
     __slots__ = ("accounts", "open", "request")
 
     def __init__(self, accounts: tuple[Account, ...], request: CallRequest) -> None:
         self.accounts = accounts
         self.request = request
-        self.open = True
+        self.open = False
 
 
 class Ledger:
@@ -136,8 +140,10 @@ class Ledger:
         with self._lock:
             return account.usage()
 
-    def admit(self, accounts: tuple[Account, ...], request: CallRequest) -> Reservation:
-        """Reserve ``request``'s worst case in every account, or raise and reserve nothing."""
+    def admit(self, reservation: Reservation) -> None:
+        """Reserve the request's worst case in every account, or raise and reserve nothing."""
+        accounts = reservation.accounts
+        request = reservation.request
         refused: tuple[Account, Trip] | None = None
         with self._lock:
             for account in accounts:
@@ -159,7 +165,8 @@ class Ledger:
                     account.reserved_input_tokens += request.input_tokens
                     account.reserved_output_tokens += request.max_output_tokens
                     account.reserved_cost_usd += cost
-                return Reservation(accounts, request)
+                reservation.open = True
+                return
         raise _exception(refused[1], usage)
 
     def settle(self, reservation: Reservation, usage: Usage) -> None:

@@ -2,19 +2,23 @@
 
 A provider describes a call as a :class:`CallRequest`; the ledger charges a
 :class:`Usage`; a guard that refuses answers with a :class:`Trip`.
+
+The two records made on every call are typed named tuples rather than
+frozen dataclasses: equally immutable and typed, but built four times
+faster (0.6 µs against 2.4 µs here), which matters on a path whose whole
+budget is 15 µs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from ._errors import GuardTripped
 
 
-@dataclass(frozen=True, slots=True)
-class CallRequest:
+class CallRequest(NamedTuple):
     """What a guard may know about an LLM call before it is sent.
 
     ``input_tokens`` is an estimate (see :mod:`runguard.tokens`);
@@ -38,8 +42,7 @@ class CallRequest:
         return self.input_tokens + self.max_output_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """Amounts spent: by one call, or by everything a guard has seen.
 
     ``input_tokens`` counts every input token the provider processed,

@@ -41,7 +41,6 @@ MESSAGE_TOKENS = 3
 REPLY_TOKENS = 3
 
 _CACHE_LIMIT = 16_384
-_CACHE_MIN_LEN = 48
 _WORDS = re.compile(r"[A-Za-z]+")
 _DIGIT_RUNS = re.compile(r"[0-9]+")
 _BINARY_TYPES = frozenset(
@@ -84,7 +83,7 @@ def _anthropic_tokens(text: str) -> int:
 
 
 class _CachedCounter:
-    """Memoises a counter for long strings; short ones are cheaper to recount."""
+    """Memoises a counter: agent loops resend the same roles, prompts and history."""
 
     __slots__ = ("_cache", "_count")
 
@@ -93,8 +92,6 @@ class _CachedCounter:
         self._cache: dict[str, int] = {}
 
     def __call__(self, text: str) -> int:
-        if len(text) < _CACHE_MIN_LEN:
-            return self._count(text)
         cache = self._cache
         hit = cache.get(text)
         if hit is None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .._errors import BudgetExceeded
 from .._records import CallRequest, Trip, Usage
@@ -12,18 +10,13 @@ from .._records import CallRequest, Trip, Usage
 if TYPE_CHECKING:
     from .._ledger import Account
 
-
-def _request_cost(request: CallRequest) -> float:
-    return request.max_cost_usd or 0.0
-
-
-# metric -> (what the call reserves, how the amount reads in a message)
-_METRICS: dict[str, tuple[Callable[[CallRequest], float], str]] = {
-    "calls": (lambda request: 1, "calls"),
-    "input_tokens": (attrgetter("input_tokens"), "input tokens"),
-    "output_tokens": (attrgetter("max_output_tokens"), "output tokens"),
-    "total_tokens": (attrgetter("max_total_tokens"), "tokens"),
-    "cost_usd": (_request_cost, "cost"),
+#: metric -> how its amounts read in a message
+_NOUNS = {
+    "calls": "calls",
+    "input_tokens": "input tokens",
+    "output_tokens": "output tokens",
+    "total_tokens": "tokens",
+    "cost_usd": "cost",
 }
 
 
@@ -42,34 +35,46 @@ class Ceiling:
     request with no output cap) is latched so the next call is refused.
     """
 
-    __slots__ = ("_ask", "_reserved", "_spent", "limit", "metric", "name", "needs_price")
+    __slots__ = ("limit", "metric", "name", "needs_price")
+
+    def __new__(cls, name: str, metric: str, limit: float) -> Ceiling:
+        # One small subclass per metric keeps the hot check free of dispatch.
+        if cls is Ceiling:
+            if metric not in _KINDS:
+                raise ValueError(f"unknown metric {metric!r}; one of {sorted(_KINDS)}")
+            cls = _KINDS[metric]
+        return object.__new__(cls)
 
     def __init__(self, name: str, metric: str, limit: float) -> None:
-        if metric not in _METRICS:
-            raise ValueError(f"unknown metric {metric!r}; one of {sorted(_METRICS)}")
         self.name = name
         self.metric = metric
         self.limit = limit
         self.needs_price = metric == "cost_usd"
-        self._spent: Callable[[Any], float] = attrgetter(metric)
-        self._reserved: Callable[[Any], float] = attrgetter("reserved_" + metric)
-        self._ask = _METRICS[metric][0]
+
+    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
+        """(spent, reserved by calls in flight, this call's worst case)."""
+        raise NotImplementedError
 
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
-        spent = self._spent(account)
-        reserved = self._reserved(account)
-        ask = self._ask(request)
+        spent, reserved, ask = self._amounts(request, account)
         total = spent + reserved + ask
         if total <= self.limit:
             return None
-        m, noun = self.metric, _METRICS[self.metric][1]
-        in_flight = f", {_amount(m, reserved)} reserved by calls in flight" if reserved else ""
+        return self._refusal(request, spent, reserved, ask, total)
+
+    def _refusal(
+        self, request: CallRequest, spent: float, reserved: float, ask: float, total: float
+    ) -> Trip:
+        metric = self.metric
+        noun = _NOUNS[metric]
+        in_flight = f", {_amount(metric, reserved)} reserved by calls in flight" if reserved else ""
+        this_call = "" if metric == "calls" else f", this call up to {_amount(metric, ask)}"
         return Trip(
             guard=self.name,
             reason=(
                 f"this {request.provider} call to {request.model} would bring {noun} to "
-                f"{_amount(m, total)}, over the limit of {_amount(m, self.limit)} "
-                f"({_amount(m, spent)} spent{in_flight}, this call up to {_amount(m, ask)})"
+                f"{_amount(metric, total)}, over the limit of {_amount(metric, self.limit)} "
+                f"({_amount(metric, spent)} spent{in_flight}{this_call})"
             ),
             limit=self.limit,
             observed=total,
@@ -77,15 +82,15 @@ class Ceiling:
         )
 
     def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
-        spent = self._spent(account)
+        spent = self._amounts(request, account)[0]
         if spent <= self.limit:
             return None
-        m, noun = self.metric, _METRICS[self.metric][1]
+        metric = self.metric
         return Trip(
             guard=self.name,
             reason=(
-                f"{noun} reached {_amount(m, spent)} after a {request.provider} call to "
-                f"{request.model}, over the limit of {_amount(m, self.limit)}; "
+                f"{_NOUNS[metric]} reached {_amount(metric, spent)} after a {request.provider} "
+                f"call to {request.model}, over the limit of {_amount(metric, self.limit)}; "
                 f"further calls are refused"
             ),
             limit=self.limit,
@@ -95,3 +100,51 @@ class Ceiling:
 
     def __repr__(self) -> str:
         return f"Ceiling({self.name!r}, {self.metric!r}, {self.limit!r})"
+
+
+class _Calls(Ceiling):
+    __slots__ = ()
+
+    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
+        return account.calls, account.reserved_calls, 1
+
+
+class _InputTokens(Ceiling):
+    __slots__ = ()
+
+    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
+        return account.input_tokens, account.reserved_input_tokens, request.input_tokens
+
+
+class _OutputTokens(Ceiling):
+    __slots__ = ()
+
+    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
+        return account.output_tokens, account.reserved_output_tokens, request.max_output_tokens
+
+
+class _TotalTokens(Ceiling):
+    __slots__ = ()
+
+    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
+        return (
+            account.input_tokens + account.output_tokens,
+            account.reserved_input_tokens + account.reserved_output_tokens,
+            request.input_tokens + request.max_output_tokens,
+        )
+
+
+class _Cost(Ceiling):
+    __slots__ = ()
+
+    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
+        return account.cost_usd, account.reserved_cost_usd, request.max_cost_usd or 0.0
+
+
+_KINDS: dict[str, type[Ceiling]] = {
+    "calls": _Calls,
+    "input_tokens": _InputTokens,
+    "output_tokens": _OutputTokens,
+    "total_tokens": _TotalTokens,
+    "cost_usd": _Cost,
+}

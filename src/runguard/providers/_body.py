@@ -31,7 +31,8 @@ def str_field(body: dict[str, Any], name: str, default: str = "unknown") -> str:
 
 
 def path_of(options: Any) -> str | None:
-    if str(getattr(options, "method", "")).lower() != "post":
+    method = getattr(options, "method", None)
+    if method != "post" and (not isinstance(method, str) or method.lower() != "post"):
         return None
     url = getattr(options, "url", None)
     if not isinstance(url, str):

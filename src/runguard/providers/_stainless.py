@@ -35,6 +35,7 @@ import wrapt
 
 from .._call import Call, start_call
 from .._errors import InstrumentationError
+from .._ledger import Account
 from .._scope import active_accounts
 
 log = logging.getLogger("runguard")
@@ -133,11 +134,10 @@ def _with_options(
     return args, {**kwargs, "options": options}
 
 
-def _begin(adapter: Adapter, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+def _begin(
+    adapter: Adapter, accounts: tuple[Account, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Call | None:
     """Admit the call in every active guard (raising if refused), or None if not billable."""
-    accounts = active_accounts()
-    if not accounts:
-        return None
     options = _options(args, kwargs)
     plan = adapter.describe(options)
     if plan is None:
@@ -147,9 +147,10 @@ def _begin(adapter: Adapter, args: tuple[Any, ...], kwargs: dict[str, Any]) -> C
 
 def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def request(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        if not active_accounts():
+        accounts = active_accounts()
+        if not accounts:
             return wrapped(*args, **kwargs)
-        call = _begin(adapter, args, kwargs)
+        call = _begin(adapter, accounts, args, kwargs)
         if call is None:
             return wrapped(*args, **kwargs)
         if call.request.stream:
@@ -172,9 +173,10 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         return result
 
     async def arequest(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        if not active_accounts():
+        accounts = active_accounts()
+        if not accounts:
             return await wrapped(*args, **kwargs)
-        call = _begin(adapter, args, kwargs)
+        call = _begin(adapter, accounts, args, kwargs)
         if call is None:
             return await wrapped(*args, **kwargs)
         if call.request.stream:
@@ -207,7 +209,9 @@ def _tag_wrapper(adapter: Adapter) -> Callable[..., Any]:
         response = kwargs.get("response")
         if call is not None and response is not None:
             try:
-                _tag(adapter, call, response, bool(kwargs.get("stream")))
+                headers = getattr(kwargs.get("options"), "headers", None)
+                raw = headers.get(_RAW_HEADER) if isinstance(headers, dict) else None
+                _tag(adapter, call, response, bool(kwargs.get("stream")), raw)
             except Exception:
                 log.exception("runguard: could not attach the call to its response")
         return wrapped(*args, **kwargs)
@@ -215,9 +219,8 @@ def _tag_wrapper(adapter: Adapter) -> Callable[..., Any]:
     return tag
 
 
-def _tag(adapter: Adapter, call: Call, response: Any, stream: bool) -> None:
+def _tag(adapter: Adapter, call: Call, response: Any, stream: bool, raw: str | None) -> None:
     setattr(response, _TAG, call)
-    raw = response.request.headers.get(_RAW_HEADER)
     if stream or raw == "stream":
         # The body arrives after request() returns: settle when it has been
         # read, or at the latest when the response is garbage-collected.
@@ -232,7 +235,7 @@ def _tag(adapter: Adapter, call: Call, response: Any, stream: bool) -> None:
 def _data_wrapper(adapter: Adapter) -> Callable[..., Any]:
     def process_data(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         call = getattr(kwargs.get("response"), _TAG, None)
-        if call is not None and call.reservation.open:
+        if call is not None and call.open:
             try:
                 adapter.read_usage(kwargs.get("data"), call)
             except Exception:

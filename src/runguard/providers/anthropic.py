@@ -65,7 +65,7 @@ def read_usage(data: Any, call: Call) -> None:
     fresh = as_int(usage.get("input_tokens"))
     call.observe(
         model,
-        fresh + cache_read + cache_write if fresh or cache_read or cache_write else 0,
+        fresh + cache_read + cache_write,
         as_int(usage.get("output_tokens")),
         cache_read,
         cache_write,
