@@ -16,6 +16,7 @@ from typing import Any
 from ._errors import BudgetExceeded
 from ._guard import RunGuard
 from ._records import Trip, Usage
+from .testing import FakeProvider, Reply, WireRequest
 
 MODEL = "gpt-4o"
 MAX_CALLS = 30
@@ -61,8 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def demo() -> int:
-    from .testing import FakeProvider
-
     fake = FakeProvider(responder=_runaway_model)
     client = fake.openai()
     print(f"A ReAct agent asks {MODEL} for its next step. The model keeps asking for the same")
@@ -75,12 +74,10 @@ def demo() -> int:
         {"role": "system", "content": "You help support staff with customer orders."},
         {"role": "user", "content": "Why was ACME's last order late?"},
     ]
-    step = 0
     guard = RunGuard(max_calls=MAX_CALLS, max_cost_usd=MAX_COST_USD, name="demo-agent")
     try:
         with guard:
-            while True:
-                step += 1
+            for step in range(1, MAX_CALLS + 2):  # the guard must refuse by call MAX_CALLS + 1
                 reply = client.chat.completions.create(
                     model=MODEL, messages=messages, tools=_TOOLS, max_tokens=MAX_TOKENS
                 )
@@ -90,21 +87,22 @@ def demo() -> int:
                     messages.append(
                         {"role": "tool", "tool_call_id": call.id, "content": _search_orders()}
                     )
-                spent = guard.usage
+                tools = ", ".join(call.function.name for call in message.tool_calls or [])
                 print(
-                    f"  step {step:>2}  model asks for search_orders  prompt "
-                    f"{reply.usage.prompt_tokens:>6,} tokens  spent so far ${spent.cost_usd:.4f}"
+                    f"  step {step:>2}  model asks for {tools}  prompt "
+                    f"{reply.usage.prompt_tokens:>6,} tokens  spent so far "
+                    f"${guard.usage.cost_usd:.4f}"
                 )
     except BudgetExceeded as exc:
         print(f"  step {step:>2}  refused before sending: raised {type(exc).__name__}")
         print()
         print(_report(guard.usage, exc.trip, fake.wire_count, step))
-    return 0
+        return 0
+    print("error: the guard never tripped", file=sys.stderr)
+    return 1
 
 
-def _runaway_model(request: Any) -> Any:
-    from .testing import Reply
-
+def _runaway_model(request: WireRequest) -> Reply:
     # The fake bills about four characters a token, and reports the stable
     # prefix of the history (everything before the latest tool turn) as cached.
     messages = request.body["messages"]

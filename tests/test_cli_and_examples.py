@@ -1,0 +1,146 @@
+"""The command line, the example and the benchmarks, run as a user runs them: in a subprocess.
+
+Expected numbers come from each run's own output (the wire count must equal the
+calls the guard admitted), not from constants that would drift with the demo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from runguard._cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    # src first on the path, so the checkout is tested even without an editable install
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def number(label: str, text: str) -> int:
+    """The integer on the line ``label  1,234`` (or ``label: 1234``)."""
+    match = re.search(rf"^\s*{re.escape(label)}:?\s+([\d,]+)\s*$", text, re.MULTILINE)
+    assert match, f"no line {label!r} in:\n{text}"
+    return int(match.group(1).replace(",", ""))
+
+
+def value(label: str, text: str) -> str:
+    match = re.search(rf"^\s*{re.escape(label)}\s+(\S.*)$", text, re.MULTILINE)
+    assert match, f"no line {label!r} in:\n{text}"
+    return match.group(1).strip()
+
+
+def test_demo_trips_and_the_refused_call_never_reaches_the_wire() -> None:
+    done = run("-m", "runguard", "demo")
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+
+    calls = number("calls", out)
+    assert calls > 0
+    assert number("requests that reached the wire", out) == calls
+    assert number("calls the guard admitted", out) == calls
+    # one printed step per admitted call, then the refusal of the next one
+    assert out.count("model asks for search_orders") == calls
+    assert f"step {calls + 1:>2}  refused before sending: raised BudgetExceeded" in out
+    assert value("refused call", out) == f"step {calls + 1}, never sent"
+
+    guard = value("guard", out)
+    assert guard in ("max_calls", "max_cost_usd")
+    limit = float(value("limit", out).lstrip("$").replace(",", ""))
+    observed = float(value("observed", out).lstrip("$").replace(",", ""))
+    assert observed > limit
+    assert "over the limit" in value("reason", out)
+    for label in ("input tokens", "output tokens", "cached input tokens", "estimated calls"):
+        number(label, out)
+    assert value("cost", out).startswith("$")
+    float(value("LLM seconds", out))
+
+
+def test_demo_needs_only_the_openai_sdk() -> None:
+    # `make demo` installs runguard[openai] and nothing else.
+    code = (
+        "import sys\n"
+        "from runguard._cli import main\n"
+        "assert main(['demo']) == 0\n"
+        "print(sorted(m for m in ('anthropic', 'mlflow') if m in sys.modules))\n"
+    )
+    done = run("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_help_and_usage_errors() -> None:
+    done = run("-m", "runguard", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "demo" in done.stdout and done.stdout.startswith("usage: runguard")
+
+    done = run("-m", "runguard", "no-such-command")
+    assert done.returncode == 2
+    assert "usage: runguard" in done.stderr and "invalid choice" in done.stderr
+
+    assert run("-m", "runguard").returncode == 2
+
+
+def test_main_returns_exit_codes_instead_of_exiting() -> None:
+    assert main(["--help"]) == 0
+    assert main(["no-such-command"]) == 2
+    assert main([]) == 2
+
+
+def test_react_example_is_stopped_by_its_guard() -> None:
+    done = run("examples/react_loop.py")
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
+    assert "stopped: RunGuard 'order-agent'" in out
+
+    trip = re.search(r"^trip: guard=(\w+) limit=([\d.]+) observed=([\d.]+)$", out, re.MULTILINE)
+    assert trip, out
+    assert float(trip.group(3)) > float(trip.group(2))
+    calls = number("calls admitted", out)
+    assert calls > 0
+    assert number("requests that reached the provider", out) == calls
+    assert out.count("  tool ") == calls  # every admitted call asked for a tool
+
+
+def test_overhead_benchmark_runs() -> None:
+    done = run("benchmarks/overhead.py", "--quick", timeout=110)
+    assert done.returncode == 0, done.stderr
+    for line in ("fast path", "new guard", "old guard", "ratio guarded / unpatched"):
+        assert line in done.stdout
+
+
+def test_concurrency_benchmark_sends_exactly_the_ceiling() -> None:
+    done = run("benchmarks/concurrency.py", "--quick")
+    out = done.stdout
+    assert done.returncode == 0, done.stderr + out
+    limit = re.search(r"RunGuard\(max_calls=(\d+)\)", out)
+    assert limit, out
+    rows = re.findall(
+        r"^\d+ (threads|asyncio tasks)\s+(stop|retry)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s",
+        out,
+        re.MULTILINE,
+    )
+    assert {(kind, policy) for kind, policy, *_ in rows} == {
+        ("threads", "stop"),
+        ("threads", "retry"),
+        ("asyncio tasks", "stop"),
+        ("asyncio tasks", "retry"),
+    }
+    for _, _, attempts, refused, wire, calls in rows:
+        assert int(wire) == int(calls) == int(limit.group(1))
+        assert int(attempts) == int(wire) + int(refused)
