@@ -602,3 +602,17 @@ def test_clients_built_before_the_first_guard_of_the_process_are_guarded() -> No
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["refused", "3", str(3 * 21), str(3 * 4), "3"]
+
+
+def test_response_without_usage_is_charged_the_reservation_as_estimated(
+    fake: FakeProvider, client: anthropic.Anthropic
+) -> None:
+    fake.script(Reply(usage=False))
+    with RunGuard() as guard:
+        message = create(client, max_tokens=64)
+    assert not message.to_dict().get("usage")  # the answer carried none
+    usage = guard.usage
+    assert fake.wire_count == 1
+    assert usage.calls == usage.estimated_calls == 1
+    assert usage.input_tokens > 0  # RunGuard's own estimate, not a reported zero
+    assert usage.output_tokens == 64

@@ -501,6 +501,22 @@ def test_guarded_sync_raises_each_invocations_trip(fake: FakeProvider, client) -
     assert fake.wire_count == 2
 
 
+def test_guarded_keeps_guards_given_as_a_generator_for_every_invocation(
+    fake: FakeProvider, client
+) -> None:
+    from runguard.guards import Ceiling
+
+    @guarded(guards=(Ceiling("calls", "calls", n) for n in [1]))
+    def agent() -> None:
+        ask(client)
+        ask(client)
+
+    for _ in range(3):
+        with pytest.raises(BudgetExceeded):
+            agent()
+    assert fake.wire_count == 3  # one call per invocation, each refused at the second
+
+
 def test_guarded_without_arguments(client) -> None:
     @guarded
     def agent() -> RunGuard | None:

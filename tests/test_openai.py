@@ -288,6 +288,23 @@ async def test_async_streaming_response_parse_is_counted_once(
     assert_exact(usage, REPLY, MODEL)
 
 
+@pytest.mark.parametrize("read", ["read", "json", "text"])
+def test_streaming_response_read_whole_but_not_parsed_is_exact_when_closed(
+    fake: FakeProvider, client: openai.OpenAI, read: str
+) -> None:
+    # The caller reads the body whole without the SDK's parse: the usage is in
+    # the bytes the caller holds, so closing the block settles it exactly.
+    with RunGuard() as guard:
+        with client.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=50
+        ) as response:
+            getattr(response, read)()
+        assert guard._account.reserved_calls == 0
+        usage = guard.usage
+    assert fake.wire_count == 1
+    assert_exact(usage, REPLY, MODEL)
+
+
 def test_streaming_response_read_with_iter_lines_is_counted_once(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
@@ -747,6 +764,20 @@ def test_refusal_message_does_not_look_retryable_whatever_the_numbers(
     assert fake.wire_count == 0
     message = str(info.value).lower()
     assert not any(word in message for word in RETRYABLE_WORDS), message
+
+
+def test_refusal_message_defuses_retryable_words_in_the_guard_name(
+    fake: FakeProvider, client: openai.OpenAI
+) -> None:
+    with pytest.raises(BudgetExceeded) as info, RunGuard(max_calls=1, name="Rate Limit 429 bot"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert fake.wire_count == 1
+    message = str(info.value)
+    assert not any(word in message.lower() for word in RETRYABLE_WORDS), message
+    assert info.value.trip.run == "Rate Limit 429 bot"  # the record keeps the exact name
+    printable = message.replace("\u2060", "").replace("\u00a0", " ")
+    assert "Rate Limit 429 bot" in printable
 
 
 # -- instrumentation -----------------------------------------------------------------

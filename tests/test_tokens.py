@@ -66,6 +66,17 @@ class Cache:
         "お弁当を持って行きましょう。機械学習モデルの推論コストを管理するために、呼び出し回数と"
         "トークン数に上限を設けることが重要です。"
     ),
+    "russian": (
+        "Агент отправляет модели запрос, получает ответ и решает, что делать дальше. "
+        "Если инструмент каждый раз возвращает ошибку, цикл может продолжаться часами, "
+        "а счёт за вызовы растёт незаметно. Поэтому ограничение числа вызовов и токенов "
+        "нужно проверять до отправки запроса, а не после."
+    ),
+    "emoji": (
+        "Shipped it 🎉🎉 thanks team 🙌 — tests green ✅, deploy done 🚀, coffee ☕️ next. "
+        "Review later 👀? Sure 👍🏽 see you tomorrow 😀 bye 👋 "
+    )
+    * 2,
 }
 
 CHAT = [
@@ -125,6 +136,7 @@ def network_attempts(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 def fresh_counters(monkeypatch: pytest.MonkeyPatch, network_attempts) -> list[tuple]:
     """No cached counters, no tiktoken environment, no network."""
     monkeypatch.setattr(tokens, "_openai_counters", {})
+    monkeypatch.setattr(tokens, "_encodings", {})
     for name in ("RUNGUARD_TIKTOKEN", "TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
     return network_attempts

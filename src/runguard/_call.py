@@ -39,6 +39,7 @@ class Call(Reservation):
         "output_tokens",
         "overrides",
         "rates",
+        "reading",
         "reported",
         "settle_on_body",
     )
@@ -66,6 +67,8 @@ class Call(Reservation):
         self.deferred = False
         #: a body read after the call returned (``with_streaming_response``)
         self.settle_on_body = False
+        #: a stream read in progress (its response closes itself when exhausted)
+        self.reading = False
 
     def observe(
         self,

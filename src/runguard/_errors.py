@@ -7,7 +7,20 @@ SDKs or MLflow's evaluation harness treat as retryable (a status code such as
 
 from __future__ import annotations
 
+import re
+
 from ._records import Trip, Usage
+
+# MLflow's evaluation harness retries any exception whose text contains "429"
+# or "rate limit". Limits, observed values and user-chosen names can spell
+# either by accident; an invisible word joiner, or a no-break space, keeps
+# the message readable while matching neither.
+_RETRYABLE = re.compile(r"429|rate limit", re.IGNORECASE)
+
+
+def _defuse(match: re.Match[str]) -> str:
+    text = match.group()
+    return "42\u20609" if text == "429" else text.replace(" ", "\u00a0")
 
 
 class RunGuardError(Exception):
@@ -58,5 +71,6 @@ class InstrumentationError(RunGuardError):
 
 
 def describe(trip: Trip) -> str:
+    """The message of a trip, in words no retry rule below RunGuard matches."""
     where = f"RunGuard {trip.run!r}" if trip.run else "RunGuard"
-    return f"{where}: {trip.guard} tripped: {trip.reason}"
+    return _RETRYABLE.sub(_defuse, f"{where}: {trip.guard} tripped: {trip.reason}")

@@ -6,14 +6,14 @@ import contextvars
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, Self
 
 from ._errors import GuardTripped
-from ._ledger import LEDGER, Account, raise_trip
+from ._ledger import LEDGER, Account, next_serial, raise_trip
 from ._records import Trip, Usage
 from ._scope import active_accounts, context_accounts
 from .guards import Ceiling, Guard
@@ -41,7 +41,9 @@ def _ceiling(field: str, value: object, whole: bool) -> Ceiling:
         raise TypeError(f"{field} must be {kind}, got {type(value).__name__}")
     if whole and not isinstance(value, int):
         raise TypeError(f"{field} must be an int, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value!r}")
+    if value <= 0:
         raise ValueError(f"{field} must be greater than 0, got {value!r}")
     return Ceiling(field, metric, value)
 
@@ -159,6 +161,7 @@ class RunGuard:
 
         instrument()
         self._state = "active"
+        self._account.serial = next_serial()
         if self.scope == "process":
             LEDGER.attach(self._account)
         else:
@@ -238,8 +241,13 @@ def guarded(fn: Callable[P, R] | None = None, /, **settings: Any) -> Any:
     """Run each call of the decorated function inside a fresh ``RunGuard(**settings)``.
 
     Works on sync and ``async def`` functions. The settings are validated
-    once, when the function is decorated.
+    once, when the function is decorated. Guard objects passed as ``guards=``
+    are shared by every invocation (the built-in ones keep no state of their
+    own; what they count lives in each invocation's RunGuard).
     """
+    if isinstance(settings.get("guards"), Iterator):
+        # a generator would be used up by the first RunGuard
+        settings["guards"] = tuple(settings["guards"])
     RunGuard(**settings)  # invalid settings fail at decoration time, naming the field
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 _serials = count(1)
 
 
+def next_serial() -> int:
+    """Ever larger numbers: a guard entered later is inner to one entered earlier."""
+    return next(_serials)
+
+
 class Account:
     """A RunGuard's running totals, as its guards see them.
 
@@ -65,7 +70,7 @@ class Account:
         self.guards = tuple(guards)
         self.prices = prices
         self.needs_price = any(getattr(g, "needs_price", False) for g in self.guards)
-        self.serial = next(_serials)
+        self.serial = 0  # set when its RunGuard is entered
         #: the RunGuard this account belongs to (for ``current_guard()``)
         self.owner: object = None
         self.trip: Trip | None = None

@@ -170,14 +170,16 @@ def normalize_prices(prices: Any) -> dict[str, Rates | str]:
         if not isinstance(model, str) or not model:
             raise TypeError(f"prices keys must be model names (non-empty str), got {model!r}")
         if isinstance(price, str):
+            if not price:
+                raise ValueError(f"prices[{model!r}]: an alias must name a model, got ''")
             result[model] = price
         elif isinstance(price, Price):
             result[model] = Rates.from_price(price)
         elif isinstance(price, Mapping):
             try:
                 result[model] = Rates.from_price(Price(**price))
-            except TypeError as exc:
-                raise TypeError(f"prices[{model!r}]: {exc}") from None
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"prices[{model!r}]: {exc}") from None
         else:
             raise TypeError(
                 f"prices[{model!r}] must be a runguard.Price, a mapping of its fields, "

@@ -555,10 +555,9 @@ def _anthropic_message(reply: Reply, model: str, n: int, stream: bool) -> Any:
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": _anthropic_usage(reply, reply.output_tokens)
-        if reply.usage
-        else {"input_tokens": 0, "output_tokens": 0},
     }
+    if reply.usage:
+        message["usage"] = _anthropic_usage(reply, reply.output_tokens)
     if not stream:
         return message
     start = {**message, "content": [], "stop_reason": None}
@@ -590,8 +589,9 @@ def _anthropic_message(reply: Reply, model: str, n: int, stream: bool) -> Any:
     delta: dict[str, Any] = {
         "type": "message_delta",
         "delta": {"stop_reason": stop, "stop_sequence": None},
-        "usage": {"output_tokens": reply.output_tokens if reply.usage else 0},
     }
+    if reply.usage:
+        delta["usage"] = {"output_tokens": reply.output_tokens}
     events.append(_sse(delta, "message_delta"))
     events.append(_sse({"type": "message_stop"}, "message_stop"))
     return events

@@ -89,9 +89,9 @@ class Ceiling:
         return Trip(
             guard=self.name,
             reason=(
-                f"{_NOUNS[metric]} reached {_amount(metric, spent)} after a {request.provider} "
-                f"call to {request.model}, over the limit of {_amount(metric, self.limit)}; "
-                f"further calls are refused"
+                f"{_NOUNS[metric]} reached {_amount(metric, spent)} after this call to "
+                f"{request.model} ({request.provider}), over the limit of "
+                f"{_amount(metric, self.limit)}; further calls are refused"
             ),
             limit=self.limit,
             observed=spent,

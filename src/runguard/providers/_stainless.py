@@ -24,6 +24,7 @@ silently removed by MLflow's autolog; see ``shared/research``.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -223,13 +224,87 @@ def _tag(adapter: Adapter, call: Call, response: Any, stream: bool, raw: str | N
     setattr(response, _TAG, call)
     if stream or raw == "stream":
         # The body arrives after request() returns: settle when it has been
-        # read, or at the latest when the response is garbage-collected.
+        # read, when the response is closed (every SDK helper and context
+        # manager ends by closing it), or at the latest when it is collected.
         call.deferred = True
         call.settle_on_body = not stream
+        response.close = _CloseHook(adapter, call, response)
+        response.aclose = _AsyncCloseHook(adapter, call, response)
         weakref.finalize(response, call.finish).atexit = False
     elif raw:
         # with_raw_response: the body is here but the caller may never parse it.
         adapter.read_usage(response.json(), call)
+
+
+class _CloseHook:
+    """Stands in for one response's ``close``: close it, then settle its call.
+
+    It holds the response weakly, so the response can still be collected
+    (and settled by its finalizer) when nobody closes it.
+    """
+
+    __slots__ = ("adapter", "call", "response")
+
+    def __init__(self, adapter: Adapter, call: Call, response: Any) -> None:
+        self.adapter = adapter
+        self.call = call
+        self.response = weakref.ref(response)
+
+    def __call__(self) -> Any:
+        response = self.response()
+        if response is None:
+            return None
+        settle = _settles_on_close(self.call, response)
+        try:
+            return type(response).close(response)
+        finally:
+            if settle:
+                _settle_closed(self.adapter, self.call, response)
+
+
+class _AsyncCloseHook(_CloseHook):
+    __slots__ = ()
+
+    async def __call__(self) -> Any:
+        response = self.response()
+        if response is None:
+            return None
+        settle = _settles_on_close(self.call, response)
+        try:
+            return await type(response).aclose(response)
+        finally:
+            if settle:
+                _settle_closed(self.adapter, self.call, response)
+
+
+def _settles_on_close(call: Call, response: Any) -> bool:
+    """Whether this close ends the call, rather than ending a body read still in progress.
+
+    A stream closes its response from inside the read that exhausts it, and
+    the metered iterator settles right after; a streamed raw body closes when
+    its last byte is read, and the SDK may parse it next. Any other close
+    (the caller's, a context manager's, a second one) ends the call.
+    """
+    if call.reading:
+        return False
+    if call.settle_on_body:
+        ending_read = not getattr(response, "is_closed", True) and getattr(
+            response, "is_stream_consumed", False
+        )
+        return not ending_read
+    return True
+
+
+def _settle_closed(adapter: Adapter, call: Call, response: Any) -> None:
+    if not call.open:
+        return
+    if call.settle_on_body and hasattr(response, "_content"):
+        # The caller read the body whole but did not parse it through the SDK.
+        try:
+            adapter.read_usage(json.loads(response._content), call)
+        except Exception:
+            log.debug("runguard: a closed raw response held no readable usage")
+    call.finish()
 
 
 def _data_wrapper(adapter: Adapter) -> Callable[..., Any]:
@@ -270,11 +345,13 @@ def _metered(iterator: Iterator[Any], call: Call) -> Iterator[Any]:
     try:
         while True:
             started = perf_counter()
+            call.reading = True
             try:
                 item = next(iterator)
             except StopIteration:
                 return
             finally:
+                call.reading = False
                 call.llm_seconds += perf_counter() - started
             if call.hide_usage_chunk and _is_usage_chunk(item):
                 continue
@@ -290,11 +367,13 @@ async def _ametered(iterator: AsyncIterator[Any], call: Call) -> AsyncIterator[A
     try:
         while True:
             started = perf_counter()
+            call.reading = True
             try:
                 item = await iterator.__anext__()
             except StopAsyncIteration:
                 return
             finally:
+                call.reading = False
                 call.llm_seconds += perf_counter() - started
             if call.hide_usage_chunk and _is_usage_chunk(item):
                 continue

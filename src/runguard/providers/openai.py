@@ -82,8 +82,8 @@ def prepare(options: Any, call: Call) -> Any:
     headers = getattr(options, "headers", None)
     if isinstance(headers, dict) and headers.get("X-Stainless-Raw-Response"):
         return options
-    body = getattr(options, "json_data", None)
-    if not isinstance(body, dict):
+    body = body_of(options)
+    if body is None:
         return options
     stream_options = body.get("stream_options")
     if isinstance(stream_options, dict) and stream_options.get("include_usage") is True:
@@ -91,7 +91,13 @@ def prepare(options: Any, call: Call) -> Any:
     merged = dict(stream_options) if isinstance(stream_options, dict) else {}
     merged["include_usage"] = True
     prepared = copy.copy(options)
-    prepared.json_data = {**body, "stream_options": merged}
+    # extra_body is merged over the body when the request is built, so the
+    # option goes where the caller's own stream_options would otherwise win.
+    extra = getattr(options, "extra_json", None)
+    if isinstance(extra, dict) and "stream_options" in extra:
+        prepared.extra_json = {**extra, "stream_options": merged}
+    else:
+        prepared.json_data = {**options.json_data, "stream_options": merged}
     call.hide_usage_chunk = True
     return prepared
 
