@@ -196,6 +196,9 @@ def rates_for(
     An alias (a model name as the value) is followed, through the overrides
     again and then the catalogue; a cycle of aliases has no price.
     """
+    if not overrides:
+        cached = _catalogue.get((provider, model))
+        return cached if cached is not None else catalogue_rates(provider, model)
     seen: set[str] = set()
     while True:
         for table in overrides:

@@ -116,23 +116,20 @@ def _anthropic_tokens(text: str) -> int:
     return round(heuristic_tokens(text) * ANTHROPIC_FACTOR)
 
 
-class _CachedCounter:
-    """Memoises a counter: agent loops resend the same roles, prompts and history."""
+def _cached(count: Counter) -> Counter:
+    """Memoise a counter: agent loops resend the same roles, prompts and history."""
+    cache: dict[str, int] = {}
+    lookup = cache.get
 
-    __slots__ = ("_cache", "_count")
-
-    def __init__(self, count: Counter) -> None:
-        self._count = count
-        self._cache: dict[str, int] = {}
-
-    def __call__(self, text: str) -> int:
-        cache = self._cache
-        hit = cache.get(text)
+    def counted(text: str) -> int:
+        hit = lookup(text)
         if hit is None:
             if len(cache) >= _CACHE_LIMIT:
                 cache.clear()
-            hit = cache[text] = self._count(text)
+            hit = cache[text] = count(text)
         return hit
+
+    return counted
 
 
 # The encoding files tiktoken downloads, and their published SHA-256: a cached
@@ -146,8 +143,8 @@ _TIKTOKEN_FILES = {
         ("r50k_base", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"),
     )
 }
-_heuristic = _CachedCounter(heuristic_tokens)
-_anthropic = _CachedCounter(_anthropic_tokens)
+_heuristic = _cached(heuristic_tokens)
+_anthropic = _cached(_anthropic_tokens)
 _openai_counters: dict[str, Counter] = {}
 _encodings: dict[str, Counter | None] = {}
 
@@ -186,7 +183,7 @@ def _load_encoding(tiktoken: Any, name: str) -> Counter | None:
     except Exception:  # an unreadable encoding must not break the agent
         return None
     encode = encoding.encode_ordinary
-    return _CachedCounter(lambda text: len(encode(text)))
+    return _cached(lambda text: len(encode(text)))
 
 
 def _tiktoken_cache_path(url: str) -> str | None:
@@ -224,24 +221,41 @@ def count_content(value: Any, count: Counter) -> int:
     Walks strings, lists and dicts; images, audio and files count
     :data:`IMAGE_TOKENS`; identifiers and cache markers count nothing.
     """
-    if type(value) is str:
+    # Exact type checks first: request bodies are plain dicts, lists and
+    # strings, and this walk runs over the whole history on every call.
+    kind = type(value)
+    if kind is str:
         return count(value)
-    if isinstance(value, Mapping):
-        if value.get("type") in _BINARY_TYPES:
-            return IMAGE_TOKENS
+    if kind is dict:
+        return _count_mapping(value, count)
+    if kind is list or kind is tuple:
         total = 0
-        for key, item in value.items():
-            if key not in _SKIP_KEYS:
-                total += count_content(item, count)
+        for item in value:
+            total += count(item) if type(item) is str else count_content(item, count)
         return total
-    if isinstance(value, (list, tuple)):
-        return sum(count_content(item, count) for item in value)
+    if value is None or kind is int or kind is float or kind is bool:
+        return 0
     if isinstance(value, str):
         return count(value)
+    if isinstance(value, Mapping):
+        return _count_mapping(value, count)
+    if isinstance(value, (list, tuple)):
+        return sum(count_content(item, count) for item in value)
     dump = getattr(value, "model_dump", None)
     if dump is not None:
         return count_content(dump(), count)
     return 0
+
+
+def _count_mapping(value: Mapping[Any, Any], count: Counter) -> int:
+    if value.get("type") in _BINARY_TYPES:
+        return IMAGE_TOKENS
+    total = 0
+    for key, item in value.items():
+        if key in _SKIP_KEYS:
+            continue
+        total += count(item) if type(item) is str else count_content(item, count)
+    return total
 
 
 def count_messages(messages: Any, count: Counter) -> int:
@@ -250,13 +264,12 @@ def count_messages(messages: Any, count: Counter) -> int:
         return count_content(messages, count)
     total = REPLY_TOKENS
     for message in messages:
-        if type(message) is dict and len(message) == 2:
-            content = message.get("content")
-            role = message.get("role")
-            if type(content) is str and type(role) is str:
-                total += MESSAGE_TOKENS + count(role) + count(content)
-                continue
-        total += MESSAGE_TOKENS + count_content(message, count)
-        if isinstance(message, Mapping) and "name" in message:
-            total += 1
+        if type(message) is dict:
+            total += MESSAGE_TOKENS + _count_mapping(message, count)
+            if "name" in message:
+                total += 1
+        else:
+            total += MESSAGE_TOKENS + count_content(message, count)
+            if isinstance(message, Mapping) and "name" in message:
+                total += 1
     return total

@@ -51,29 +51,24 @@ class Ceiling:
         self.limit = limit
         self.needs_price = metric == "cost_usd"
 
-    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
-        """(spent, reserved by calls in flight, this call's worst case)."""
+    # Each metric's subclass does the sums inline, since they run for every
+    # call; these two only word the trip, which happens once.
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
         raise NotImplementedError
 
-    def admit(self, request: CallRequest, account: Account) -> Trip | None:
-        spent, reserved, ask = self._amounts(request, account)
-        total = spent + reserved + ask
-        if total <= self.limit:
-            return None
-        return self._refusal(request, spent, reserved, ask, total)
+    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+        raise NotImplementedError
 
-    def _refusal(
-        self, request: CallRequest, spent: float, reserved: float, ask: float, total: float
-    ) -> Trip:
+    def _refusal(self, request: CallRequest, spent: float, reserved: float, ask: float) -> Trip:
         metric = self.metric
-        noun = _NOUNS[metric]
+        total = spent + reserved + ask
         in_flight = f", {_amount(metric, reserved)} reserved by calls in flight" if reserved else ""
         this_call = "" if metric == "calls" else f", this call up to {_amount(metric, ask)}"
         return Trip(
             guard=self.name,
             reason=(
-                f"this {request.provider} call to {request.model} would bring {noun} to "
-                f"{_amount(metric, total)}, over the limit of {_amount(metric, self.limit)} "
+                f"this {request.provider} call to {request.model} would bring {_NOUNS[metric]} "
+                f"to {_amount(metric, total)}, over the limit of {_amount(metric, self.limit)} "
                 f"({_amount(metric, spent)} spent{in_flight}{this_call})"
             ),
             limit=self.limit,
@@ -81,10 +76,7 @@ class Ceiling:
             exception=BudgetExceeded,
         )
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
-        spent = self._amounts(request, account)[0]
-        if spent <= self.limit:
-            return None
+    def _overshoot(self, request: CallRequest, spent: float) -> Trip:
         metric = self.metric
         return Trip(
             guard=self.name,
@@ -105,40 +97,79 @@ class Ceiling:
 class _Calls(Ceiling):
     __slots__ = ()
 
-    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
-        return account.calls, account.reserved_calls, 1
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        spent, reserved = account.calls, account.reserved_calls
+        if spent + reserved + 1 <= self.limit:
+            return None
+        return self._refusal(request, spent, reserved, 1)
+
+    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+        spent = account.calls
+        return None if spent <= self.limit else self._overshoot(request, spent)
 
 
 class _InputTokens(Ceiling):
     __slots__ = ()
 
-    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
-        return account.input_tokens, account.reserved_input_tokens, request.input_tokens
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        spent, reserved, ask = (
+            account.input_tokens,
+            account.reserved_input_tokens,
+            request.input_tokens,
+        )
+        if spent + reserved + ask <= self.limit:
+            return None
+        return self._refusal(request, spent, reserved, ask)
+
+    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+        spent = account.input_tokens
+        return None if spent <= self.limit else self._overshoot(request, spent)
 
 
 class _OutputTokens(Ceiling):
     __slots__ = ()
 
-    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
-        return account.output_tokens, account.reserved_output_tokens, request.max_output_tokens
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        spent, reserved = account.output_tokens, account.reserved_output_tokens
+        ask = request.max_output_tokens
+        if spent + reserved + ask <= self.limit:
+            return None
+        return self._refusal(request, spent, reserved, ask)
+
+    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+        spent = account.output_tokens
+        return None if spent <= self.limit else self._overshoot(request, spent)
 
 
 class _TotalTokens(Ceiling):
     __slots__ = ()
 
-    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
-        return (
-            account.input_tokens + account.output_tokens,
-            account.reserved_input_tokens + account.reserved_output_tokens,
-            request.input_tokens + request.max_output_tokens,
-        )
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        spent = account.input_tokens + account.output_tokens
+        reserved = account.reserved_input_tokens + account.reserved_output_tokens
+        ask = request.input_tokens + request.max_output_tokens
+        if spent + reserved + ask <= self.limit:
+            return None
+        return self._refusal(request, spent, reserved, ask)
+
+    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+        spent = account.input_tokens + account.output_tokens
+        return None if spent <= self.limit else self._overshoot(request, spent)
 
 
 class _Cost(Ceiling):
     __slots__ = ()
 
-    def _amounts(self, request: CallRequest, account: Account) -> tuple[float, float, float]:
-        return account.cost_usd, account.reserved_cost_usd, request.max_cost_usd or 0.0
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        spent, reserved = account.cost_usd, account.reserved_cost_usd
+        ask = request.max_cost_usd or 0.0
+        if spent + reserved + ask <= self.limit:
+            return None
+        return self._refusal(request, spent, reserved, ask)
+
+    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+        spent = account.cost_usd
+        return None if spent <= self.limit else self._overshoot(request, spent)
 
 
 _KINDS: dict[str, type[Ceiling]] = {
