@@ -129,15 +129,15 @@ class Call(Reservation):
                 input_tokens, output_tokens, self.cache_read_tokens, self.cache_write_tokens
             )
         return Usage(
-            calls=1,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cache_read_tokens=self.cache_read_tokens,
-            cache_write_tokens=self.cache_write_tokens,
-            cost_usd=cost,
-            llm_seconds=self.llm_seconds,
-            estimated_calls=1 if estimated else 0,
-            unpriced_calls=1 if rates is None and (input_tokens or output_tokens) else 0,
+            1,
+            input_tokens,
+            output_tokens,
+            self.cache_read_tokens,
+            self.cache_write_tokens,
+            cost,
+            self.llm_seconds,
+            1 if estimated else 0,
+            1 if rates is None and (input_tokens or output_tokens) else 0,
         )
 
 
@@ -153,7 +153,11 @@ def start_call(
     """Price the worst case of a call and admit it in every account, or raise."""
     capped = max_output_tokens is not None
     output = max_output_tokens if max_output_tokens is not None else DEFAULT_OUTPUT_TOKENS
-    overrides = tuple(a.prices for a in accounts if a.prices)
+    if len(accounts) == 1:
+        prices = accounts[0].prices
+        overrides: tuple[Mapping[str, Rates | str], ...] = (prices,) if prices else ()
+    else:
+        overrides = tuple(a.prices for a in accounts if a.prices)
     rates = rates_for(provider, model, overrides)
     if rates is None:
         if any(a.needs_price for a in accounts):
@@ -161,16 +165,8 @@ def start_call(
         worst = None
     else:
         worst = rates.cost(input_tokens, output)
-    request = CallRequest(
-        provider=provider,
-        endpoint=endpoint,
-        model=model,
-        input_tokens=input_tokens,
-        max_output_tokens=output,
-        output_capped=capped,
-        stream=stream,
-        max_cost_usd=worst,
-    )
+    # positional: a named tuple built from keywords costs twice as much
+    request = CallRequest(provider, endpoint, model, input_tokens, output, capped, stream, worst)
     call = Call(accounts, request, rates, overrides)
     LEDGER.admit(call)
     return call

@@ -207,12 +207,15 @@ def _tag_wrapper(adapter: Adapter) -> Callable[..., Any]:
     # coroutine is created, in the context of the request that awaits it.
     def tag(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         call = _current.get()
-        response = kwargs.get("response")
-        if call is not None and response is not None:
+        if call is not None:
             try:
+                response = kwargs["response"]
                 headers = getattr(kwargs.get("options"), "headers", None)
                 raw = headers.get(_RAW_HEADER) if isinstance(headers, dict) else None
-                _tag(adapter, call, response, bool(kwargs.get("stream")), raw)
+                if raw is None and not kwargs.get("stream"):
+                    setattr(response, _TAG, call)  # the common case: a plain JSON body
+                else:
+                    _tag(adapter, call, response, bool(kwargs.get("stream")), raw)
             except Exception:
                 log.exception("runguard: could not attach the call to its response")
         return wrapped(*args, **kwargs)
