@@ -1,6 +1,7 @@
 """What RunGuard adds to an openai ``chat.completions.create`` call, per call.
 
-Run ``python benchmarks/overhead.py`` (about a minute) or ``--quick`` (seconds).
+Run ``python benchmarks/overhead.py`` (about ten minutes here) or ``--quick`` (under a
+minute).
 Every figure is the median over rounds of a paired difference: in each round
 the arms being compared run once each, in a random order, in one process.
 
@@ -35,6 +36,9 @@ inside a real SDK call runs with colder caches and costs more, so the in-situ
 figure above is what a call really pays; the long run shows whether the cost
 grows with the number of calls a guard has seen (it must not), and the
 history rows show how it grows with the size of the conversation sent.
+
+Price lookup. One ``genai_prices.calc_price`` call against RunGuard's cached
+rates for the same model, in batches of 100.
 
 The bar (from the issue): at most 15 µs added per non-streaming call, flat.
 """
@@ -417,8 +421,35 @@ def main() -> int:
         paired(sizes, "long", "long_plain"),
     )
     print()
+    print("Price lookup for one (provider, model)")
+    row("genai-prices calc_price, each time", price_lookup_us(raw=True), "µs", "10.2f")
+    row("runguard, cached after the first", price_lookup_us(raw=False), "µs", "10.2f")
+    print()
     print("Bar (issue): at most 15 µs added per non-streaming call, flat over the run.")
     return 0
+
+
+def price_lookup_us(raw: bool, n: int = 2_000) -> float:
+    """Median µs of one price lookup, in batches of 100."""
+    from genai_prices import Usage, calc_price
+
+    from runguard.pricing import rates_for
+
+    usage = Usage(input_tokens=1, output_tokens=1)
+
+    def lookup() -> object:
+        if raw:
+            return calc_price(usage, MODEL, provider_id="openai")
+        return rates_for("openai", MODEL)
+
+    lookup()
+    batches = []
+    for _ in range(max(1, n // 100)):
+        started = time.perf_counter_ns()
+        for _ in range(100):
+            lookup()
+        batches.append((time.perf_counter_ns() - started) / 100 / 1000)
+    return statistics.median(batches)
 
 
 if __name__ == "__main__":
