@@ -601,8 +601,8 @@ class RefuseModel:
         self.admitted.append(request)
         return None
 
-    def settled(self, request, usage, account):
-        self.settled_usage.append(usage)
+    def settled(self, request, result, account):
+        self.settled_usage.append(result.usage)
         return None
 
 
@@ -638,9 +638,10 @@ class LatchAfterOutput:
     def admit(self, request, account):
         return None
 
-    def settled(self, request, usage, account):
-        if usage.output_tokens > self.limit:
-            return Trip(self.name, "one answer was too long", self.limit, usage.output_tokens)
+    def settled(self, request, result, account):
+        output = result.usage.output_tokens
+        if output > self.limit:
+            return Trip(self.name, "one answer was too long", self.limit, output)
         return None
 
 

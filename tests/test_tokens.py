@@ -219,7 +219,7 @@ def test_a_chat_call_reserves_the_cookbook_count(exact, fresh_counters) -> None:
         def admit(self, request, account):
             seen.append(request)
 
-        def settled(self, request, usage, account):
+        def settled(self, request, result, account):
             return None
 
     fake = FakeProvider(default=Reply(input_tokens=77, output_tokens=3))

@@ -8,28 +8,41 @@ the call with a typed exception, and nothing leaves the process.
 
 from ._errors import (
     BudgetExceeded,
+    ContextOverflow,
     GuardTripped,
     InstrumentationError,
+    LatencyBudgetExceeded,
+    LoopDetected,
+    RateLimitStorm,
     RunGuardError,
     UnknownModelPrice,
+    UpstreamBudgetExceeded,
 )
 from ._guard import RunGuard, current_guard, guarded, propagate
 from ._ledger import Account
-from ._records import CallRequest, Trip, Usage
+from ._records import Attempt, CallRequest, CallResult, ToolCall, Trip, Usage
 from .pricing import Price
 from .providers import instrument
 
 __all__ = [
     "Account",
+    "Attempt",
     "BudgetExceeded",
     "CallRequest",
+    "CallResult",
+    "ContextOverflow",
     "GuardTripped",
     "InstrumentationError",
+    "LatencyBudgetExceeded",
+    "LoopDetected",
     "Price",
+    "RateLimitStorm",
     "RunGuard",
     "RunGuardError",
+    "ToolCall",
     "Trip",
     "UnknownModelPrice",
+    "UpstreamBudgetExceeded",
     "Usage",
     "current_guard",
     "guarded",

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from ._errors import UnknownModelPrice
 from ._ledger import LEDGER, Account, Reservation
-from ._records import CallRequest, Usage
+from ._records import CallRequest, CallResult, ToolCall, Usage
 from .pricing import Rates, rates_for
 
 #: Output tokens reserved for a request that sets no output cap of its own.
@@ -38,10 +38,12 @@ class Call(Reservation):
         "model",
         "output_tokens",
         "overrides",
+        "pending_tools",
         "rates",
         "reading",
         "reported",
         "settle_on_body",
+        "tool_calls",
     )
 
     def __init__(
@@ -69,6 +71,12 @@ class Call(Reservation):
         self.settle_on_body = False
         #: a stream read in progress (its response closes itself when exhausted)
         self.reading = False
+        #: the tool calls of the answer, collected only when a loop guard needs them
+        self.tool_calls: list[ToolCall] | None = (
+            [] if any(a.needs_tool_calls for a in accounts) else None
+        )
+        #: tool calls a stream delivers in pieces: key -> [name, arguments so far]
+        self.pending_tools: dict[object, list[str]] | None = None
 
     def observe(
         self,
@@ -107,7 +115,12 @@ class Call(Reservation):
                 cost_usd=request.max_cost_usd or 0.0,
                 estimated_calls=1,
             )
-        LEDGER.settle(self, usage)
+        tool_calls = self.tool_calls
+        if self.pending_tools and tool_calls is not None:
+            # arguments streamed in pieces; a tool without arguments streams none
+            pending = self.pending_tools.values()
+            tool_calls.extend(ToolCall.of(name, args or "{}") for name, args in pending)
+        LEDGER.settle(self, CallResult(usage, tuple(tool_calls) if tool_calls else ()))
 
     def _usage(self, failed: bool) -> Usage:
         request = self.request
@@ -149,6 +162,7 @@ def start_call(
     input_tokens: int,
     max_output_tokens: int | None,
     stream: bool,
+    fingerprint: int | None = None,
 ) -> Call:
     """Price the worst case of a call and admit it in every account, or raise."""
     capped = max_output_tokens is not None
@@ -166,7 +180,9 @@ def start_call(
     else:
         worst = rates.cost(input_tokens, output)
     # positional: a named tuple built from keywords costs twice as much
-    request = CallRequest(provider, endpoint, model, input_tokens, output, capped, stream, worst)
+    request = CallRequest(
+        provider, endpoint, model, input_tokens, output, capped, stream, worst, fingerprint
+    )
     call = Call(accounts, request, rates, overrides)
     LEDGER.admit(call)
     return call

@@ -47,6 +47,35 @@ class BudgetExceeded(GuardTripped):
     """A call, token or dollar ceiling would have been crossed."""
 
 
+class UpstreamBudgetExceeded(BudgetExceeded):
+    """The provider or a gateway refused a call because a spending budget or quota is spent.
+
+    Raised on the first such answer (HTTP 402, or a refusal whose body says
+    the budget or quota is exhausted): retrying cannot succeed until the
+    budget resets, so the SDK's pending retries are not sent.
+    """
+
+
+class RateLimitStorm(GuardTripped):
+    """Too many HTTP attempts were answered "too many requests" (status 429).
+
+    Every attempt counts, the SDKs' own retries included; when this is
+    raised, the SDK's remaining retries are not sent.
+    """
+
+
+class LatencyBudgetExceeded(GuardTripped):
+    """The time spent in LLM calls, or the guard's lifetime, reached its ceiling."""
+
+
+class LoopDetected(GuardTripped):
+    """The agent repeated itself: the same tool call, or the same request, too often."""
+
+
+class ContextOverflow(GuardTripped):
+    """One call's estimated input was larger than ``max_input_tokens_per_call``."""
+
+
 class UnknownModelPrice(RunGuardError, LookupError):
     """A dollar ceiling is active but the call's model has no known price."""
 

@@ -7,6 +7,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from time import monotonic
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast, overload
 
@@ -16,7 +17,17 @@ from ._errors import GuardTripped
 from ._ledger import LEDGER, Account, next_serial, raise_trip
 from ._records import Trip, Usage
 from ._scope import active_accounts, context_accounts
-from .guards import Ceiling, Guard
+from .guards import (
+    Ceiling,
+    Guard,
+    IdenticalRequests,
+    InputTokensPerCall,
+    LlmSeconds,
+    RateLimits,
+    RepeatedToolCalls,
+    WallSeconds,
+)
+from .guards.loops import DEFAULT_LOOP_WINDOW
 from .pricing import Price, normalize_prices
 
 P = ParamSpec("P")
@@ -34,8 +45,8 @@ _CEILINGS: dict[str, tuple[str, bool]] = {
 }
 
 
-def _ceiling(field: str, value: object, whole: bool) -> Ceiling:
-    metric = _CEILINGS[field][0]
+def _positive(field: str, value: object, whole: bool) -> float:
+    """``value`` if it is a positive int (or, unless ``whole``, a finite number)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "an int" if whole else "a number"
         raise TypeError(f"{field} must be {kind}, got {type(value).__name__}")
@@ -45,7 +56,46 @@ def _ceiling(field: str, value: object, whole: bool) -> Ceiling:
         raise ValueError(f"{field} must be a finite number, got {value!r}")
     if value <= 0:
         raise ValueError(f"{field} must be greater than 0, got {value!r}")
-    return Ceiling(field, metric, value)
+    return value
+
+
+def _keyword_guards(limits: Mapping[str, Any], loop_window: object) -> list[Guard]:
+    """The guards the keyword arguments ask for, in a fixed order."""
+    built: list[Guard] = [
+        Ceiling(field, _CEILINGS[field][0], _positive(field, value, _CEILINGS[field][1]))
+        for field, value in limits.items()
+        if field in _CEILINGS and value is not None
+    ]
+
+    def given(field: str, whole: bool) -> Any:
+        value = limits[field]
+        return None if value is None else _positive(field, value, whole)
+
+    if (limit := given("max_input_tokens_per_call", True)) is not None:
+        built.append(InputTokensPerCall(limit))
+    if (limit := given("max_consecutive_429s", True)) is not None:
+        built.append(RateLimits(limit, consecutive=True))
+    if (limit := given("max_total_429s", True)) is not None:
+        built.append(RateLimits(limit, consecutive=False))
+    if (seconds := given("max_llm_seconds", False)) is not None:
+        built.append(LlmSeconds(seconds))
+    if (seconds := given("max_wall_seconds", False)) is not None:
+        built.append(WallSeconds(seconds))
+    window = (
+        DEFAULT_LOOP_WINDOW if loop_window is None else _positive("loop_window", loop_window, True)
+    )
+    for field, kind in (
+        ("max_repeated_tool_calls", RepeatedToolCalls),
+        ("max_identical_requests", IdenticalRequests),
+    ):
+        if (limit := given(field, True)) is not None:
+            if window < limit:
+                raise ValueError(
+                    f"loop_window ({window}) must be at least {field} ({limit}), "
+                    f"or the guard could never trip"
+                )
+            built.append(kind(limit, int(window)))
+    return built
 
 
 def _check_guard(guard: object) -> Guard:
@@ -73,6 +123,22 @@ class RunGuard:
         max_output_tokens: output tokens, reasoning tokens included.
         max_total_tokens: input plus output tokens.
         max_cost_usd: dollars, priced from genai-prices (or ``prices``).
+        max_input_tokens_per_call: refuse any single call whose estimated
+            input is larger (:class:`ContextOverflow`).
+        max_consecutive_429s: trip on this many HTTP attempts in a row
+            answered 429, the SDKs' own retries included (:class:`RateLimitStorm`).
+            With either 429 keyword, an answer saying a spending budget or
+            quota is exhausted trips at once (:class:`UpstreamBudgetExceeded`).
+        max_total_429s: the same, counting every 429 of the guard.
+        max_llm_seconds: seconds spent inside LLM calls (a monotonic clock
+            around the SDK call only) (:class:`LatencyBudgetExceeded`).
+        max_wall_seconds: seconds since the guard was entered.
+        max_repeated_tool_calls: trip when the model asks for the same tool
+            call (name and arguments) this many times within ``loop_window``
+            calls (:class:`LoopDetected`).
+        max_identical_requests: allow this many identical requests (model,
+            messages, tools) within ``loop_window`` calls; refuse the next.
+        loop_window: calls the two loop guards look back over (default 20).
         guards: extra guards implementing :class:`runguard.guards.Guard`.
         prices: per-model overrides: a :class:`Price` or the name of a known
             model to price it as.
@@ -93,24 +159,37 @@ class RunGuard:
         max_output_tokens: int | None = None,
         max_total_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        max_input_tokens_per_call: int | None = None,
+        max_consecutive_429s: int | None = None,
+        max_total_429s: int | None = None,
+        max_llm_seconds: float | None = None,
+        max_wall_seconds: float | None = None,
+        max_repeated_tool_calls: int | None = None,
+        max_identical_requests: int | None = None,
+        loop_window: int | None = None,
         guards: Iterable[Guard] = (),
         prices: Mapping[str, Price | str] | None = None,
         name: str | None = None,
         scope: Scope = "context",
         raise_on_exit: bool = True,
     ) -> None:
-        limits = {
-            "max_calls": max_calls,
-            "max_input_tokens": max_input_tokens,
-            "max_output_tokens": max_output_tokens,
-            "max_total_tokens": max_total_tokens,
-            "max_cost_usd": max_cost_usd,
-        }
-        built: list[Guard] = [
-            _ceiling(field, value, _CEILINGS[field][1])
-            for field, value in limits.items()
-            if value is not None
-        ]
+        built = _keyword_guards(
+            {
+                "max_calls": max_calls,
+                "max_input_tokens": max_input_tokens,
+                "max_output_tokens": max_output_tokens,
+                "max_total_tokens": max_total_tokens,
+                "max_cost_usd": max_cost_usd,
+                "max_input_tokens_per_call": max_input_tokens_per_call,
+                "max_consecutive_429s": max_consecutive_429s,
+                "max_total_429s": max_total_429s,
+                "max_llm_seconds": max_llm_seconds,
+                "max_wall_seconds": max_wall_seconds,
+                "max_repeated_tool_calls": max_repeated_tool_calls,
+                "max_identical_requests": max_identical_requests,
+            },
+            loop_window,
+        )
         if isinstance(guards, (str, bytes)) or not isinstance(guards, Iterable):
             raise TypeError("guards must be an iterable of guard objects")
         built.extend(_check_guard(g) for g in guards)
@@ -162,6 +241,7 @@ class RunGuard:
         instrument()
         self._state = "active"
         self._account.serial = next_serial()
+        self._account.entered_at = monotonic()
         if self.scope == "process":
             LEDGER.attach(self._account)
         else:

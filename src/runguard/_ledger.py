@@ -12,10 +12,10 @@ import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import GuardTripped
-from ._records import CallRequest, Trip, Usage
+from ._records import Attempt, CallRequest, CallResult, Trip, Usage
 
 if TYPE_CHECKING:
     from .guards import Guard
@@ -38,24 +38,32 @@ class Account:
     """
 
     __slots__ = (
+        "attempt_guards",
+        "attempts_stopped",
         "cache_read_tokens",
         "cache_write_tokens",
         "calls",
+        "consecutive_rate_limited",
         "cost_usd",
+        "entered_at",
         "estimated_calls",
         "guards",
         "input_tokens",
         "llm_seconds",
         "name",
+        "needs_fingerprint",
         "needs_price",
+        "needs_tool_calls",
         "output_tokens",
         "owner",
         "prices",
+        "rate_limited_attempts",
         "reserved_calls",
         "reserved_cost_usd",
         "reserved_input_tokens",
         "reserved_output_tokens",
         "serial",
+        "state",
         "trip",
         "unpriced_calls",
     )
@@ -70,6 +78,21 @@ class Account:
         self.guards = tuple(guards)
         self.prices = prices
         self.needs_price = any(getattr(g, "needs_price", False) for g in self.guards)
+        #: whether providers must fingerprint requests / read tool calls for these guards
+        self.needs_fingerprint = any(getattr(g, "needs_fingerprint", False) for g in self.guards)
+        self.needs_tool_calls = any(getattr(g, "needs_tool_calls", False) for g in self.guards)
+        #: the guards that watch every HTTP attempt (``attempted`` is optional)
+        self.attempt_guards: tuple[Any, ...] = tuple(
+            g for g in self.guards if callable(getattr(g, "attempted", None))
+        )
+        #: per-guard memory (loop windows), keyed by the guard object, so one
+        #: guard object can serve many RunGuards (``@guarded``) independently
+        self.state: dict[object, Any] = {}
+        #: a guard tripped on an HTTP attempt: no attempt may be sent any more,
+        #: not even the pending retry of a call admitted before the trip
+        self.attempts_stopped = False
+        #: ``time.monotonic()`` when the RunGuard was entered
+        self.entered_at = 0.0
         self.serial = 0  # set when its RunGuard is entered
         #: the RunGuard this account belongs to (for ``current_guard()``)
         self.owner: object = None
@@ -83,6 +106,8 @@ class Account:
         self.llm_seconds = 0.0
         self.estimated_calls = 0
         self.unpriced_calls = 0
+        self.rate_limited_attempts = 0
+        self.consecutive_rate_limited = 0
         self.reserved_calls = 0
         self.reserved_input_tokens = 0
         self.reserved_output_tokens = 0
@@ -107,6 +132,7 @@ class Account:
             llm_seconds=self.llm_seconds,
             estimated_calls=self.estimated_calls,
             unpriced_calls=self.unpriced_calls,
+            rate_limited_attempts=self.rate_limited_attempts,
         )
 
 
@@ -174,13 +200,14 @@ class Ledger:
                 return
         raise _exception(refused[1], usage)
 
-    def settle(self, reservation: Reservation, usage: Usage) -> None:
-        """Release the reservation and charge ``usage``; latch guards it pushed over.
+    def settle(self, reservation: Reservation, result: CallResult) -> None:
+        """Release the reservation and charge the call's usage; latch guards it pushed over.
 
         Only the first settlement of a reservation counts: a stream may be
         settled by its end, its close and its garbage collection alike.
         """
         request = reservation.request
+        usage = result.usage
         cost = request.max_cost_usd or 0.0
         with self._lock:
             if not reservation.open:
@@ -205,10 +232,50 @@ class Ledger:
                 account.unpriced_calls += usage.unpriced_calls
                 if account.trip is None:
                     for guard in account.guards:
-                        trip = guard.settled(request, usage, account)
+                        trip = guard.settled(request, result, account)
                         if trip is not None:
                             account.trip = _own(trip, account)
                             break
+
+    def attempted(self, reservation: Reservation, attempt: Attempt) -> None:
+        """Count one HTTP attempt of an admitted call; raise if a guard trips on it.
+
+        A 429 adds to the totals and to the current streak; any other status
+        ends the streak.
+        """
+        refused: tuple[Account, Trip] | None = None
+        with self._lock:
+            for account in reservation.accounts:
+                if attempt.status == 429:
+                    account.rate_limited_attempts += 1
+                    account.consecutive_rate_limited += 1
+                else:
+                    account.consecutive_rate_limited = 0
+                trip = account.trip
+                if trip is None:
+                    for guard in account.attempt_guards:
+                        trip = guard.attempted(reservation.request, attempt, account)
+                        if trip is not None:
+                            trip = account.trip = _own(trip, account)
+                            account.attempts_stopped = True
+                            break
+                if trip is not None and refused is None:
+                    refused = account, trip
+            if refused is None:
+                return
+            usage = refused[0].usage()
+        raise _exception(refused[1], usage)
+
+    def refuse_if_stopped(self, reservation: Reservation) -> None:
+        """Before an HTTP attempt: raise if a guard of the call tripped on an attempt.
+
+        A ceiling's trip refuses new calls but lets calls admitted before it
+        finish; a trip on an attempt (a 429 storm, an upstream budget) stops
+        every attempt, retries of admitted calls included.
+        """
+        for account in reservation.accounts:
+            if account.attempts_stopped:
+                raise_trip(account, self)
 
     def latch(self, account: Account, trip: Trip) -> Trip:
         """Trip ``account`` unless it already tripped; returns the trip in force."""

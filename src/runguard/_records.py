@@ -1,7 +1,9 @@
 """The small immutable records that flow between the parts of RunGuard.
 
-A provider describes a call as a :class:`CallRequest`; the ledger charges a
-:class:`Usage`; a guard that refuses answers with a :class:`Trip`.
+A provider describes a call as a :class:`CallRequest`, each HTTP attempt
+as an :class:`Attempt`, and what the call returned as a :class:`CallResult`
+(its :class:`Usage` and the :class:`ToolCall` s the model asked for); the
+ledger charges the usage; a guard that refuses answers with a :class:`Trip`.
 
 The two records made on every call are typed named tuples rather than
 frozen dataclasses: equally immutable and typed, but built four times
@@ -11,8 +13,12 @@ budget is 15 µs.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from ._errors import GuardTripped
@@ -36,6 +42,8 @@ class CallRequest(NamedTuple):
     output_capped: bool
     stream: bool
     max_cost_usd: float | None
+    #: a hash of model, messages (or input) and tools, when a guard asked for one
+    fingerprint: int | None = None
 
     @property
     def max_total_tokens(self) -> int:
@@ -61,10 +69,62 @@ class Usage(NamedTuple):
     llm_seconds: float = 0.0
     estimated_calls: int = 0
     unpriced_calls: int = 0
+    #: HTTP attempts answered 429 (too many requests), the SDKs' own retries included
+    rate_limited_attempts: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+class Attempt(NamedTuple):
+    """One HTTP attempt of a call (the SDKs retry some failures on their own).
+
+    ``status`` is the HTTP status code. ``retry_after`` is the wait the
+    provider asked for, in seconds (from ``retry-after-ms`` or
+    ``retry-after``). ``budget_refusal`` holds the provider's message when
+    the answer says a spending budget or quota is exhausted, which no retry
+    can fix.
+    """
+
+    status: int
+    retry_after: float | None = None
+    budget_refusal: str | None = None
+
+
+_SPACES = re.compile(r"\s+")
+
+
+class ToolCall(NamedTuple):
+    """A tool the model asked to call, with its arguments in canonical JSON."""
+
+    name: str
+    arguments: str
+
+    @classmethod
+    def of(cls, name: object, arguments: object) -> ToolCall:
+        """Normalise ``arguments`` (a JSON text or a mapping): key order and spacing ignored."""
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:  # not JSON: compare it with its spacing collapsed
+                return cls(str(name), _SPACES.sub(" ", str(arguments)).strip())
+        try:
+            text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = repr(arguments)
+        return cls(str(name), text)
+
+    def __str__(self) -> str:
+        shown = self.arguments if len(self.arguments) <= 200 else self.arguments[:197] + "..."
+        return f"{self.name}({shown})"
+
+
+class CallResult(NamedTuple):
+    """What one call returned, as the guards see it when it settles."""
+
+    usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +142,14 @@ class Trip:
     observed: float
     run: str | None = None
     exception: type[GuardTripped] | None = field(default=None, repr=False, compare=False)
+    #: what the guard saw, for people and dashboards: the repeated tool call,
+    #: the provider's ``retry_after`` seconds, the refusal message ...
+    details: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.details, MappingProxyType):
+            object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a read-only mapping does not pickle
+        fields = (self.guard, self.reason, self.limit, self.observed, self.run, self.exception)
+        return (type(self), (*fields, dict(self.details)))

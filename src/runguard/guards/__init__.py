@@ -1,10 +1,12 @@
 """Guards: each one holds one ceiling and decides whether a call may go.
 
 A guard knows nothing of HTTP, SDKs or MLflow. It sees the neutral
-:class:`~runguard.CallRequest` before a call, the :class:`~runguard.Usage`
-of the call after it, and the :class:`~runguard.Account` of the RunGuard it
-belongs to (read-only; the ledger calls guards under its lock, so what a guard
-reads is consistent).
+:class:`~runguard.CallRequest` before a call, each
+:class:`~runguard.Attempt` while the SDK sends it (if it implements
+``attempted``), the :class:`~runguard.CallResult` after it, and the
+:class:`~runguard.Account` of the RunGuard it belongs to (read-only, except
+``account.state``, where a guard may keep memory of its own; the ledger calls
+guards under its lock, so what a guard reads is consistent).
 
 Write your own by implementing :class:`Guard` and passing it as
 ``RunGuard(guards=[MyGuard()])``.
@@ -15,12 +17,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .ceiling import Ceiling
+from .context import InputTokensPerCall
+from .latency import LlmSeconds, WallSeconds
+from .loops import IdenticalRequests, RepeatedToolCalls
+from .rate_limits import RateLimits
 
 if TYPE_CHECKING:
     from .._ledger import Account
-    from .._records import CallRequest, Trip, Usage
+    from .._records import CallRequest, CallResult, Trip
 
-__all__ = ["Ceiling", "Guard"]
+__all__ = [
+    "Ceiling",
+    "Guard",
+    "IdenticalRequests",
+    "InputTokensPerCall",
+    "LlmSeconds",
+    "RateLimits",
+    "RepeatedToolCalls",
+    "WallSeconds",
+]
 
 
 @runtime_checkable
@@ -34,6 +49,11 @@ class Guard(Protocol):
     O(1) and free of I/O. ``needs_price`` says whether the guard reads
     dollars (then a call whose model has no known price is refused with
     :class:`~runguard.UnknownModelPrice` rather than counted as $0).
+
+    A guard may also define ``attempted(request, attempt, account)``, called
+    after every HTTP attempt of an admitted call (the SDKs' own retries
+    included); a Trip returned there ends the call at once, and the SDK's
+    pending retries are never sent.
     """
 
     name: str
@@ -41,4 +61,6 @@ class Guard(Protocol):
 
     def admit(self, request: CallRequest, account: Account) -> Trip | None: ...
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None: ...
+    def settled(
+        self, request: CallRequest, result: CallResult, account: Account
+    ) -> Trip | None: ...

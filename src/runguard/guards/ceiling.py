@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._errors import BudgetExceeded
-from .._records import CallRequest, Trip, Usage
+from .._records import CallRequest, CallResult, Trip
 
 if TYPE_CHECKING:
     from .._ledger import Account
@@ -56,7 +56,7 @@ class Ceiling:
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         raise NotImplementedError
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         raise NotImplementedError
 
     def _refusal(self, request: CallRequest, spent: float, reserved: float, ask: float) -> Trip:
@@ -103,7 +103,7 @@ class _Calls(Ceiling):
             return None
         return self._refusal(request, spent, reserved, 1)
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         spent = account.calls
         return None if spent <= self.limit else self._overshoot(request, spent)
 
@@ -121,7 +121,7 @@ class _InputTokens(Ceiling):
             return None
         return self._refusal(request, spent, reserved, ask)
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         spent = account.input_tokens
         return None if spent <= self.limit else self._overshoot(request, spent)
 
@@ -136,7 +136,7 @@ class _OutputTokens(Ceiling):
             return None
         return self._refusal(request, spent, reserved, ask)
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         spent = account.output_tokens
         return None if spent <= self.limit else self._overshoot(request, spent)
 
@@ -152,7 +152,7 @@ class _TotalTokens(Ceiling):
             return None
         return self._refusal(request, spent, reserved, ask)
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         spent = account.input_tokens + account.output_tokens
         return None if spent <= self.limit else self._overshoot(request, spent)
 
@@ -167,7 +167,7 @@ class _Cost(Ceiling):
             return None
         return self._refusal(request, spent, reserved, ask)
 
-    def settled(self, request: CallRequest, usage: Usage, account: Account) -> Trip | None:
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         spent = account.cost_usd
         return None if spent <= self.limit else self._overshoot(request, spent)
 

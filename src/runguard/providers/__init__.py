@@ -51,4 +51,8 @@ def missing_hooks(package: str) -> list[str]:
     """The private hook points an installed ``package`` lacks (empty: it can be guarded)."""
     from ._stainless import missing_hooks as missing
 
-    return missing(package)
+    adapter = SDKS.get(package)
+    if adapter is None:
+        return missing(package)
+    module = importlib.import_module(f"{__name__}.{adapter}")
+    return missing(package, module.attempt_method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -42,3 +43,22 @@ def path_of(options: Any) -> str | None:
 
 def as_int(value: Any) -> int:
     return value if type(value) is int else 0
+
+
+def fingerprint(*parts: Any) -> int:
+    """A hash of JSON-like request parts, equal for equal content (in the same key order)."""
+    return hash(_frozen(parts))
+
+
+def _frozen(value: Any) -> Any:
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is dict or isinstance(value, Mapping):
+        return tuple((key, _frozen(item)) for key, item in value.items())
+    if kind is list or kind is tuple:
+        return tuple(_frozen(item) for item in value)
+    dump = getattr(value, "model_dump", None)
+    if dump is not None:
+        return _frozen(dump())
+    return repr(value)

@@ -5,16 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from .._call import Call
+from .._records import ToolCall
 from ..tokens import count_content, count_messages, counter_for
-from ._body import as_int, body_of, int_field, path_of, str_field
+from ._body import as_int, body_of, fingerprint, int_field, path_of, str_field
 from ._stainless import Plan
 
 name = "anthropic"
+attempt_method = "_attempt_request"
 
 _ENDPOINTS = {"/v1/messages": "messages", "/v1/complete": "complete"}
 
 
-def describe(options: Any) -> Plan | None:
+def response_of(sent: Any) -> Any:
+    return sent[0] if isinstance(sent, tuple) else sent  # (response, prepared options)
+
+
+def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     # Bedrock and Vertex rewrite the URL and move the model later, inside the
     # retry loop; at request() the logical path and the model are still here.
     path = path_of(options)
@@ -35,7 +41,12 @@ def describe(options: Any) -> Plan | None:
     else:
         tokens = count_content(body.get("prompt"), count)
         cap = int_field(body, "max_tokens_to_sample")
-    return Plan(endpoint, model, tokens, cap, body.get("stream") is True)
+    digest = None
+    if want_fingerprint:
+        digest = fingerprint(
+            endpoint, model, *(body.get(key) for key in ("system", "messages", "prompt", "tools"))
+        )
+    return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
 
 
 def prepare(options: Any, call: Call) -> Any:
@@ -46,6 +57,8 @@ def read_usage(data: Any, call: Call) -> None:
     if not isinstance(data, dict):
         return
     kind = data.get("type")
+    if call.tool_calls is not None:
+        _read_tool_calls(kind, data, call)
     if kind == "message":
         usage, model, final = data.get("usage"), data.get("model"), True
     elif kind == "message_start":
@@ -71,3 +84,27 @@ def read_usage(data: Any, call: Call) -> None:
         cache_write,
         final=final,
     )
+
+
+def _read_tool_calls(kind: object, data: dict[str, Any], call: Call) -> None:
+    found = call.tool_calls
+    assert found is not None
+    if kind == "message":  # a whole message: replace, so a body read twice counts once
+        found[:] = [
+            ToolCall.of(block.get("name"), block.get("input"))
+            for block in data.get("content") or ()
+            if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use")
+        ]
+    elif kind == "content_block_start":
+        block = data.get("content_block")
+        if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
+            if call.pending_tools is None:
+                call.pending_tools = {}
+            call.pending_tools[data.get("index")] = [str(block.get("name")), ""]
+    elif kind == "content_block_delta" and call.pending_tools:
+        delta = data.get("delta")
+        entry = call.pending_tools.get(data.get("index"))
+        if entry is not None and isinstance(delta, dict):
+            partial = delta.get("partial_json")
+            if isinstance(partial, str):
+                entry[1] += partial

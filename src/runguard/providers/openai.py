@@ -6,11 +6,13 @@ import copy
 from typing import Any
 
 from .._call import Call
+from .._records import ToolCall
 from ..tokens import count_content, count_messages, counter_for
-from ._body import as_int, body_of, int_field, path_of, str_field
+from ._body import as_int, body_of, fingerprint, int_field, path_of, str_field
 from ._stainless import Plan
 
 name = "openai"
+attempt_method = "_send_request"
 
 _ENDPOINTS = {
     "/chat/completions": "chat.completions",
@@ -26,7 +28,11 @@ _TERMINAL_RESPONSE_EVENTS = frozenset(
 )
 
 
-def describe(options: Any) -> Plan | None:
+def response_of(sent: Any) -> Any:
+    return sent
+
+
+def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     path = path_of(options)
     endpoint = _ENDPOINTS.get(path) if path is not None else None
     if endpoint is None:
@@ -58,7 +64,15 @@ def describe(options: Any) -> Plan | None:
         cap = 0
     if cap is not None:
         cap *= copies
-    return Plan(endpoint, model, tokens, cap, stream)
+    digest = None
+    if want_fingerprint:
+        digest = fingerprint(
+            endpoint,
+            model,
+            *(body.get(key) for key in ("messages", "input", "prompt", "instructions")),
+            *(body.get(key) for key in ("tools", "functions")),
+        )
+    return Plan(endpoint, model, tokens, cap, stream, digest)
 
 
 def _count_inputs(value: Any, count: Any) -> int:
@@ -107,6 +121,8 @@ def read_usage(data: Any, call: Call) -> None:
         return
     if "event" in data and isinstance(data.get("data"), dict):
         data = data["data"]  # the SDK's synthesized {"event", "data"} envelope
+    if call.tool_calls is not None:
+        _read_tool_calls(data, call)
     usage = data.get("usage")
     model = data.get("model")
     if usage is None and data.get("type") in _TERMINAL_RESPONSE_EVENTS:
@@ -132,3 +148,65 @@ def read_usage(data: Any, call: Call) -> None:
             as_int(usage.get("output_tokens")),
             as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
         )
+
+
+def _read_tool_calls(data: dict[str, Any], call: Call) -> None:
+    """Collect the tool calls of a body (replacing, so a body read twice counts once)."""
+    found = call.tool_calls
+    assert found is not None
+    choices = data.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            message = choice.get("message")
+            if isinstance(message, dict):  # a whole chat completion
+                found[:] = _chat_tool_calls(choices)
+                return
+            delta = choice.get("delta")
+            if isinstance(delta, dict):  # a stream chunk: tool calls arrive in pieces
+                _collect_pieces(delta, choice.get("index", 0), call)
+        return
+    response = data.get("response") if data.get("type") in _TERMINAL_RESPONSE_EVENTS else data
+    if isinstance(response, dict) and isinstance(response.get("output"), list):
+        found[:] = [
+            ToolCall.of(item.get("name"), item.get("arguments", item.get("input")))
+            for item in response["output"]
+            if isinstance(item, dict) and item.get("type") in ("function_call", "custom_tool_call")
+        ]
+
+
+def _chat_tool_calls(choices: list[Any]) -> list[ToolCall]:
+    calls = []
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        for item in message.get("tool_calls") or ():
+            function = item.get("function") if isinstance(item, dict) else None
+            if isinstance(function, dict):
+                calls.append(ToolCall.of(function.get("name"), function.get("arguments")))
+        legacy = message.get("function_call")
+        if isinstance(legacy, dict):
+            calls.append(ToolCall.of(legacy.get("name"), legacy.get("arguments")))
+    return calls
+
+
+def _collect_pieces(delta: dict[str, Any], choice: object, call: Call) -> None:
+    pieces = [
+        ((choice, item.get("index", 0)), item.get("function"))
+        for item in delta.get("tool_calls") or ()
+        if isinstance(item, dict)
+    ]
+    if isinstance(delta.get("function_call"), dict):
+        pieces.append(((choice, "function_call"), delta["function_call"]))
+    for key, function in pieces:
+        if not isinstance(function, dict):
+            continue
+        if call.pending_tools is None:
+            call.pending_tools = {}
+        entry = call.pending_tools.setdefault(key, ["", ""])
+        if isinstance(function.get("name"), str):
+            entry[0] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            entry[1] += function["arguments"]

@@ -1,0 +1,155 @@
+"""``max_repeated_tool_calls`` and ``max_identical_requests``: an agent repeating itself.
+
+Both look at a sliding window of the last ``loop_window`` calls of a
+RunGuard, so their memory and their work per call stay bounded however long
+the run is. Neither keys on the model: many calls to one model with
+different content, a conversation that grows, or one tool called with
+different arguments never trip them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable
+from typing import TYPE_CHECKING
+
+from .._errors import LoopDetected
+from .._records import CallRequest, CallResult, ToolCall, Trip
+
+if TYPE_CHECKING:
+    from .._ledger import Account
+
+#: calls remembered by the loop guards when ``loop_window`` is not given
+DEFAULT_LOOP_WINDOW = 20
+
+
+class _Window:
+    """How often each key appeared in the last ``size`` calls (once per call at most)."""
+
+    __slots__ = ("counts", "recent")
+
+    def __init__(self, size: int) -> None:
+        self.recent: deque[frozenset[Hashable]] = deque(maxlen=size)
+        self.counts: dict[Hashable, int] = {}
+
+    def push(self, keys: Iterable[Hashable]) -> None:
+        counts = self.counts
+        recent = self.recent
+        if len(recent) == recent.maxlen:
+            for old in recent[0]:
+                left = counts[old] - 1
+                if left:
+                    counts[old] = left
+                else:
+                    del counts[old]
+        added = frozenset(keys)
+        recent.append(added)
+        for key in added:
+            counts[key] = counts.get(key, 0) + 1
+
+
+def _window(guard: object, window: int, account: Account) -> _Window:
+    memory = account.state.get(guard)
+    if memory is None:
+        memory = account.state[guard] = _Window(window)
+    return memory
+
+
+class RepeatedToolCalls:
+    """Trips when the model asks for the same tool call ``limit`` times within ``window`` calls.
+
+    A tool call is the tool's name and its arguments, compared as JSON (key
+    order and spacing do not matter). The call whose answer repeats the
+    tool call for the ``limit``-th time has been paid for; the next call is
+    refused, so the agent does not run the tool and ask again.
+    """
+
+    __slots__ = ("limit", "name", "needs_price", "needs_tool_calls", "window")
+
+    def __init__(
+        self, limit: int, window: int = DEFAULT_LOOP_WINDOW, name: str = "max_repeated_tool_calls"
+    ) -> None:
+        self.name = name
+        self.limit = limit
+        self.window = window
+        self.needs_price = False
+        self.needs_tool_calls = True
+
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        return None
+
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
+        memory = _window(self, self.window, account)
+        memory.push(result.tool_calls)
+        counts = memory.counts
+        for tool_call in result.tool_calls:
+            seen = counts[tool_call]
+            if seen >= self.limit:
+                return self._trip(tool_call, seen)
+        return None
+
+    def _trip(self, tool_call: ToolCall, seen: int) -> Trip:
+        return Trip(
+            guard=self.name,
+            reason=(
+                f"the model asked for the same tool call {tool_call} {seen} times within "
+                f"the last {self.window} calls (limit {self.limit}); further calls are refused"
+            ),
+            limit=self.limit,
+            observed=seen,
+            exception=LoopDetected,
+            details={"tool": tool_call.name, "arguments": tool_call.arguments},
+        )
+
+    def __repr__(self) -> str:
+        return f"RepeatedToolCalls({self.limit!r}, window={self.window!r})"
+
+
+class IdenticalRequests:
+    """Allows at most ``limit`` identical requests within ``window`` calls; refuses the next.
+
+    Identical means the same model, messages (or input, system prompt,
+    instructions) and tools; sampling settings are ignored. This catches
+    the loop that resends the very same request after every failed
+    validation. Fingerprinting walks the request once, like the token
+    estimate does.
+    """
+
+    __slots__ = ("limit", "name", "needs_fingerprint", "needs_price", "window")
+
+    def __init__(
+        self, limit: int, window: int = DEFAULT_LOOP_WINDOW, name: str = "max_identical_requests"
+    ) -> None:
+        self.name = name
+        self.limit = limit
+        self.window = window
+        self.needs_price = False
+        self.needs_fingerprint = True
+
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        fingerprint = request.fingerprint
+        if fingerprint is None:
+            return None
+        sent = _window(self, self.window, account).counts.get(fingerprint, 0)
+        if sent < self.limit:
+            return None
+        return Trip(
+            guard=self.name,
+            reason=(
+                f"this call to {request.model} repeats a request already sent {sent} times "
+                f"within the last {self.window} calls (limit {self.limit})"
+            ),
+            limit=self.limit,
+            observed=sent + 1,
+            exception=LoopDetected,
+            details={"fingerprint": f"{fingerprint & 0xFFFFFFFFFFFFFFFF:016x}"},
+        )
+
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
+        fingerprint = request.fingerprint
+        keys = () if fingerprint is None else (fingerprint,)
+        _window(self, self.window, account).push(keys)
+        return None
+
+    def __repr__(self) -> str:
+        return f"IdenticalRequests({self.limit!r}, window={self.window!r})"
