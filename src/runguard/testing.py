@@ -43,7 +43,8 @@ class Reply:
     """One scripted answer.
 
     ``status`` other than 2xx sends the provider's error body (``error``
-    sets its message). ``usage=False`` leaves usage out of the answer.
+    sets its message), or ``body`` if given (any JSON value, to play a
+    gateway's own error format). ``usage=False`` leaves usage out of the answer.
     ``tool_calls`` is a list of ``(tool name, arguments dict)``. ``chunks``
     splits the text into that many stream events. ``delay`` (seconds) is
     slept before answering (``asyncio.sleep`` for async clients).
@@ -58,6 +59,7 @@ class Reply:
     model: str | None = None
     status: int = 200
     error: str | None = None
+    body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     tool_calls: tuple[tuple[str, Mapping[str, Any]], ...] = ()
     chunks: int = 3
@@ -207,7 +209,7 @@ class FakeProvider:
         if reply.status >= 400:
             if reply.status == 429:
                 headers.setdefault("retry-after-ms", "1")
-            body = _error_body(wire.path, reply)
+            body = reply.body if reply.body is not None else _error_body(wire.path, reply)
             return http.Response(reply.status, json=body, headers=headers)
         answer = _answer(wire, reply, next(self._ids))
         if isinstance(answer, list):
@@ -332,7 +334,17 @@ def _chat(reply: Reply, model: str, n: int, stream: bool, include_usage: bool) -
         return data
 
     events = [_sse(chunk({"role": "assistant", "content": ""}, None))]
-    events += [_sse(chunk({"content": piece}, None)) for piece in _pieces(reply.text, reply.chunks)]
+    if reply.tool_calls:
+        # as the API does: the name first, then the arguments in pieces
+        for i, call in enumerate(_chat_tool_calls(reply)):
+            head = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+            events.append(_sse(chunk({"tool_calls": [{"index": i, **head}]}, None)))
+            for piece in _pieces(call["function"]["arguments"], reply.chunks):
+                delta = {"tool_calls": [{"index": i, "function": {"arguments": piece}}]}
+                events.append(_sse(chunk(delta, None)))
+    else:
+        pieces = _pieces(reply.text, reply.chunks)
+        events += [_sse(chunk({"content": piece}, None)) for piece in pieces]
     events.append(_sse(chunk({}, finish)))
     if include_usage and reply.usage:
         events.append(
@@ -564,28 +576,32 @@ def _anthropic_message(reply: Reply, model: str, n: int, stream: bool) -> Any:
     if reply.usage:
         start["usage"] = _anthropic_usage(reply, 1)
     events = [_sse({"type": "message_start", "message": start}, "message_start")]
-    events.append(
-        _sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        )
-    )
-    for piece in _pieces(reply.text, reply.chunks):
+    for index, block in enumerate(content):
+        if block["type"] == "tool_use":
+            opened = {**block, "input": {}}
+            kind, pieces = "input_json_delta", _pieces(json.dumps(block["input"]), reply.chunks)
+        else:
+            opened = {"type": "text", "text": ""}
+            kind, pieces = "text_delta", _pieces(reply.text, reply.chunks)
         events.append(
             _sse(
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": piece},
-                },
-                "content_block_delta",
+                {"type": "content_block_start", "index": index, "content_block": opened},
+                "content_block_start",
             )
         )
-    events.append(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        field_name = "partial_json" if kind == "input_json_delta" else "text"
+        for piece in pieces:
+            events.append(
+                _sse(
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": kind, field_name: piece},
+                    },
+                    "content_block_delta",
+                )
+            )
+        events.append(_sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
     delta: dict[str, Any] = {
         "type": "message_delta",
         "delta": {"stop_reason": stop, "stop_sequence": None},
