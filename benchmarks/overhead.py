@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import gc
+import itertools
 import random
 import statistics
 import subprocess
@@ -86,6 +87,7 @@ MESSAGES: list[dict[str, Any]] = [
 ]
 REPLY = Reply(text="Both orders ship with carrier X.", input_tokens=1000, output_tokens=100)
 HUGE = 10**12
+VARIANTS = 20  # loop window of the every-guard arm; twice as many requests cycle through it
 LONG_RUN = 100_000
 
 
@@ -107,9 +109,44 @@ def new_guard() -> runguard.RunGuard:
     )
 
 
-def entered() -> tuple[runguard.RunGuard, contextvars.Context]:
+def every_guard() -> runguard.RunGuard:
+    """The five ceilings and every failure-mode guard, none of them near tripping."""
+    return runguard.RunGuard(
+        max_calls=HUGE,
+        max_input_tokens=HUGE,
+        max_output_tokens=HUGE,
+        max_total_tokens=HUGE,
+        max_cost_usd=1e9,
+        max_input_tokens_per_call=HUGE,
+        max_consecutive_429s=HUGE,
+        max_total_429s=HUGE,
+        max_llm_seconds=1e9,
+        max_wall_seconds=1e9,
+        max_repeated_tool_calls=VARIANTS,
+        max_identical_requests=VARIANTS,
+        loop_window=VARIANTS,
+        name="bench-every",
+    )
+
+
+def variants() -> list[list[dict[str, Any]]]:
+    """Requests that differ in their last message, cycled so no loop guard ever trips."""
+    return [
+        [*MESSAGES[:-1], {"role": "user", "content": f"{MESSAGES[-1]['content']} (case {i})"}]
+        for i in range(VARIANTS * 2)
+    ]
+
+
+def cycling(calls: list[Callable[[], Any]]) -> Callable[[], Any]:
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
+
+
+def entered(
+    make: Callable[[], runguard.RunGuard] | None = None,
+) -> tuple[runguard.RunGuard, contextvars.Context]:
     """A guard entered in a context of its own, so calls can go in and out of it."""
-    guard, ctx = new_guard(), contextvars.copy_context()
+    guard, ctx = (make or new_guard)(), contextvars.copy_context()
     ctx.run(guard.__enter__)
     return guard, ctx
 
@@ -258,14 +295,18 @@ def stub_chain() -> tuple[type, type]:
         ) -> Any:
             # The SDK gets a new response each call; this one must not carry the last tag.
             response.__dict__.pop("_runguard_call", None)
+            sent = self._send_request(request, stream=stream)
             return self._process_response(
                 cast_to=cast_to,
                 options=options,
-                response=response,
+                response=sent,
                 stream=stream,
                 stream_cls=stream_cls,
                 retries_taken=0,
             )
+
+        def _send_request(self, request: Any, *, stream: bool) -> Any:
+            return response
 
         def _process_response(
             self,
@@ -289,6 +330,7 @@ def stub_chain() -> tuple[type, type]:
 
     for cls, name in (
         (base.SyncAPIClient, "request"),
+        (base.SyncAPIClient, "_send_request"),
         (base.SyncAPIClient, "_process_response"),
         (base.BaseClient, "_process_response_data"),
     ):
@@ -331,9 +373,17 @@ def main() -> int:
     long_options = captured_options(client, long_history)
     Chain, Hooked = stub_chain()
     plain, hooked = Chain(), Hooked()
+    varied = variants()
+    every_sdk = cycling([sdk_call(client, messages) for messages in varied])
+    with runguard.RunGuard():  # warm the token counts of the variants
+        every_sdk()
+        for _ in varied:
+            every_sdk()
 
     def stub(chain: Any, opts: Any) -> Callable[[], Any]:
         return lambda: chain.request(object, opts)
+
+    every_stub = cycling([stub(hooked, captured_options(client, m)) for m in varied])
 
     lib: Arms = {"plain": (bare, stub(plain, options))}
     gc.collect()
@@ -344,16 +394,19 @@ def main() -> int:
     run = rounds_of(long_n, {**lib, "guarded": (old, stub(hooked, options))}, rng)
     old_calls = old_guard.usage.calls
     new_guard_, new = entered()
+    every_guard_, every = entered(every_guard)
     now = rounds_of(
         lib_n,
         {
             **lib,
             "new": (new, stub(hooked, options)),
             "old": (old, stub(hooked, options)),
+            "every": (every, every_stub),
         },
         rng,
     )
     leave(new_guard_, new)
+    leave(every_guard_, every)
     history_guard, history = entered()
     history_n = max(200, lib_n // 10)
     sizes = rounds_of(
@@ -368,8 +421,9 @@ def main() -> int:
     )
     leave(history_guard, history)
 
-    print(f"whole SDK calls: {sdk_n:,} rounds of 5 ...", flush=True)
+    print(f"whole SDK calls: {sdk_n:,} rounds of 6 ...", flush=True)
     sdk_guard, sdk_new = entered()
+    sdk_every_guard, sdk_every = entered(every_guard)
     old_from = old_guard.usage.calls + 1
     sdk = rounds_of(
         sdk_n,
@@ -379,11 +433,13 @@ def main() -> int:
             "fast": (bare, call),
             "new": (sdk_new, call),
             "old": (old, call),
+            "every": (sdk_every, every_sdk),
         },
         rng,
         fake,
     )
     leave(sdk_guard, sdk_new)
+    leave(sdk_every_guard, sdk_every)
     leave(old_guard, old)
 
     unpatched, guarded = median_us(sdk["unpatched"]), median_us(sdk["new"])
@@ -398,6 +454,7 @@ def main() -> int:
     row(f"    new guard, its calls 1-{sdk_n:,}", paired(sdk, "new", "unpatched"))
     old_to = old_from + sdk_n - 1
     row(f"    old guard, its calls {old_from:,}-{old_to:,}", paired(sdk, "old", "unpatched"))
+    row("  (c) added inside a guard with every guard set", paired(sdk, "every", "unpatched"))
     row("guarded call (new guard), median", guarded, "µs", "10.1f")
     row("ratio guarded / unpatched", guarded / unpatched, "", "10.3f")
 
@@ -414,6 +471,7 @@ def main() -> int:
     row(f"    new guard, its calls 1-{lib_n:,}", at_new)
     row(f"    old guard, its calls {old_calls + 1:,}-{old_calls + lib_n:,}", at_old)
     row("    ratio old / new", at_old / at_new, "", "10.3f")
+    row("  (c) every guard set, its calls 1-" + f"{lib_n:,}", paired(now, "every", "plain"))
     print(f"  (b) by history sent, {history_n:,} rounds:")
     row(f"    {len(MESSAGES)} messages", paired(sizes, "short", "plain"))
     row(

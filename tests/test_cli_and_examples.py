@@ -117,6 +117,28 @@ def test_react_example_is_stopped_by_its_guard() -> None:
     assert out.count("  tool ") == calls  # every admitted call asked for a tool
 
 
+def test_retry_storm_example_sends_five_requests() -> None:
+    done = run("examples/retry_storm.py")
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
+    assert "stopped: RunGuard 'ticket-summaries'" in out
+    # the fake answers every request 429, so every request on the wire was one
+    assert number("requests that reached the provider", out) == 5
+    assert number("429 answers", out) == 5
+    assert "429" not in out.split("stopped: ", 1)[1].splitlines()[0]  # message defused
+
+
+def test_tool_loop_example_is_stopped_after_the_third_repeat() -> None:
+    done = run("examples/tool_loop.py")
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
+    assert "stopped: RunGuard 'billing-agent'" in out
+    repeated = re.findall(r"^  tool lookup_invoice\(", out, re.MULTILINE)
+    assert len(repeated) == 3
+    calls = number("calls admitted", out)
+    assert number("requests that reached the provider", out) == calls == 4
+
+
 def test_overhead_benchmark_runs() -> None:
     done = run("benchmarks/overhead.py", "--quick", timeout=110)
     assert done.returncode == 0, done.stderr

@@ -10,8 +10,18 @@ import pytest
 from runguard import Price, RunGuard, guarded
 from runguard.guards import Ceiling
 
-INT_FIELDS = ["max_calls", "max_input_tokens", "max_output_tokens", "max_total_tokens"]
-ALL_FIELDS = [*INT_FIELDS, "max_cost_usd"]
+CEILING_INT_FIELDS = ["max_calls", "max_input_tokens", "max_output_tokens", "max_total_tokens"]
+# the failure-mode guards' counts, and the loop guards' window
+GUARD_INT_FIELDS = [
+    "max_input_tokens_per_call",
+    "max_consecutive_429s",
+    "max_total_429s",
+    "max_repeated_tool_calls",
+    "max_identical_requests",
+]
+INT_FIELDS = [*CEILING_INT_FIELDS, *GUARD_INT_FIELDS, "loop_window"]
+NUMBER_FIELDS = ["max_cost_usd", "max_llm_seconds", "max_wall_seconds"]
+ALL_FIELDS = [*INT_FIELDS, *NUMBER_FIELDS]
 
 # (value, error) that every ceiling refuses
 COMMON_BAD = [
@@ -46,7 +56,7 @@ COST_ONLY_BAD = [
 CEILING_CASES = [
     *[pytest.param(f, *p.values, id=f"{f}-{p.id}") for f in ALL_FIELDS for p in COMMON_BAD],
     *[pytest.param(f, *p.values, id=f"{f}-{p.id}") for f in INT_FIELDS for p in INT_ONLY_BAD],
-    *[pytest.param("max_cost_usd", *p.values, id=f"max_cost_usd-{p.id}") for p in COST_ONLY_BAD],
+    *[pytest.param(f, *p.values, id=f"{f}-{p.id}") for f in NUMBER_FIELDS for p in COST_ONLY_BAD],
 ]
 
 OTHER_CASES = [
@@ -135,7 +145,7 @@ def test_guarded_rejects_unknown_settings_at_decoration_time() -> None:
         guarded(max_call=3)
 
 
-@pytest.mark.parametrize("field", ALL_FIELDS)
+@pytest.mark.parametrize("field", [f for f in ALL_FIELDS if f != "loop_window"])
 def test_a_huge_int_limit_is_accepted_or_refused_by_name(field: str) -> None:
     value = 10**400  # larger than any float
     try:
@@ -149,7 +159,7 @@ def test_a_huge_int_limit_is_accepted_or_refused_by_name(field: str) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        *[(f, v) for f in INT_FIELDS for v in (1, 7, 10**9)],
+        *[(f, v) for f in CEILING_INT_FIELDS for v in (1, 7, 10**9)],
         ("max_cost_usd", 1),
         ("max_cost_usd", 0.01),
         ("max_cost_usd", 1e-9),
@@ -164,6 +174,32 @@ def test_valid_ceilings_are_kept(field: str, value: float) -> None:
     assert ceiling.name == field
     assert ceiling.limit == value
     assert ceiling.needs_price == (field == "max_cost_usd")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        *[(f, v) for f in GUARD_INT_FIELDS for v in (1, 7, 20)],
+        *[(f, v) for f in ("max_llm_seconds", "max_wall_seconds") for v in (1, 0.25, 3600)],
+    ],
+)
+def test_each_guard_keyword_builds_one_guard_named_after_it(field: str, value: float) -> None:
+    guard = RunGuard(**{field: value})
+    assert len(guard.guards) == 1
+    built = guard.guards[0]
+    assert built.limit == value
+    assert built.name == field
+    assert built.needs_price is False
+
+
+@pytest.mark.parametrize("field", ["max_repeated_tool_calls", "max_identical_requests"])
+def test_a_loop_window_shorter_than_the_loop_limit_is_refused(field: str) -> None:
+    with pytest.raises(ValueError) as info:
+        RunGuard(**{field: 5, "loop_window": 4})
+    _message_names(info.value, "loop_window")
+    _message_names(info.value, field)
+    assert RunGuard(**{field: 5, "loop_window": 5}).guards[0].window == 5
+    assert RunGuard(**{field: 5}).guards[0].window == 20  # the documented default
 
 
 def test_none_means_no_ceiling() -> None:

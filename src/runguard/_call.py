@@ -72,9 +72,12 @@ class Call(Reservation):
         #: a stream read in progress (its response closes itself when exhausted)
         self.reading = False
         #: the tool calls of the answer, collected only when a loop guard needs them
-        self.tool_calls: list[ToolCall] | None = (
-            [] if any(a.needs_tool_calls for a in accounts) else None
+        wanted = (
+            accounts[0].needs_tool_calls
+            if len(accounts) == 1
+            else any(a.needs_tool_calls for a in accounts)
         )
+        self.tool_calls: list[ToolCall] | None = [] if wanted else None
         #: tool calls a stream delivers in pieces: key -> [name, arguments so far]
         self.pending_tools: dict[object, list[str]] | None = None
 

@@ -38,6 +38,7 @@ class Account:
     """
 
     __slots__ = (
+        "admitted_guards",
         "attempt_guards",
         "attempts_stopped",
         "cache_read_tokens",
@@ -84,6 +85,10 @@ class Account:
         #: the guards that watch every HTTP attempt (``attempted`` is optional)
         self.attempt_guards: tuple[Any, ...] = tuple(
             g for g in self.guards if callable(getattr(g, "attempted", None))
+        )
+        #: the guards told of each call once every RunGuard admitted it (optional hook)
+        self.admitted_guards: tuple[Any, ...] = tuple(
+            g for g in self.guards if callable(getattr(g, "admitted", None))
         )
         #: per-guard memory (loop windows), keyed by the guard object, so one
         #: guard object can serve many RunGuards (``@guarded``) independently
@@ -196,6 +201,8 @@ class Ledger:
                     account.reserved_input_tokens += request.input_tokens
                     account.reserved_output_tokens += request.max_output_tokens
                     account.reserved_cost_usd += cost
+                    for guard in account.admitted_guards:
+                        guard.admitted(request, account)
                 reservation.open = True
                 return
         raise _exception(refused[1], usage)
@@ -238,10 +245,12 @@ class Ledger:
                             break
 
     def attempted(self, reservation: Reservation, attempt: Attempt) -> None:
-        """Count one HTTP attempt of an admitted call; raise if a guard trips on it.
+        """Count one answered HTTP attempt of an admitted call; raise to end the call.
 
         A 429 adds to the totals and to the current streak; any other status
-        ends the streak.
+        ends the streak. An error answer raises when an attempt guard has
+        tripped (now, or before, on another call), which stops the SDK's
+        retries; a success is never thrown away, since it has been paid for.
         """
         refused: tuple[Account, Trip] | None = None
         with self._lock:
@@ -251,16 +260,16 @@ class Ledger:
                     account.consecutive_rate_limited += 1
                 else:
                     account.consecutive_rate_limited = 0
-                trip = account.trip
-                if trip is None:
+                if account.trip is None:
                     for guard in account.attempt_guards:
                         trip = guard.attempted(reservation.request, attempt, account)
                         if trip is not None:
-                            trip = account.trip = _own(trip, account)
+                            account.trip = _own(trip, account)
                             account.attempts_stopped = True
                             break
-                if trip is not None and refused is None:
-                    refused = account, trip
+                stopped = account.trip if account.attempts_stopped else None
+                if stopped is not None and refused is None and attempt.status >= 400:
+                    refused = account, stopped
             if refused is None:
                 return
             usage = refused[0].usage()

@@ -108,8 +108,13 @@ class RepeatedToolCalls:
 class IdenticalRequests:
     """Allows at most ``limit`` identical requests within ``window`` calls; refuses the next.
 
-    Identical means the same model, messages (or input, system prompt,
-    instructions) and tools; sampling settings are ignored. This catches
+    The window here is of the last ``window`` calls admitted (requests in
+    flight count as soon as they are sent).
+
+    Identical means the same endpoint, model, messages (or input, system
+    prompt, instructions), tools, tool choice and response format; sampling
+    settings and output caps are ignored. The fingerprint is a hash salted
+    per process: it identifies a request within a run, not across runs. This catches
     the loop that resends the very same request after every failed
     validation. Fingerprinting walks the request once, like the token
     estimate does.
@@ -145,10 +150,14 @@ class IdenticalRequests:
             details={"fingerprint": f"{fingerprint & 0xFFFFFFFFFFFFFFFF:016x}"},
         )
 
-    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
+    def admitted(self, request: CallRequest, account: Account) -> None:
+        # counted when admitted, not when settled, so identical requests in
+        # flight at the same time count too
         fingerprint = request.fingerprint
         keys = () if fingerprint is None else (fingerprint,)
         _window(self, self.window, account).push(keys)
+
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         return None
 
     def __repr__(self) -> str:

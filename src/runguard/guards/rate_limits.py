@@ -56,8 +56,8 @@ class RateLimits:
                     f"budget or quota is exhausted (status {attempt.status}: "
                     f"{attempt.budget_refusal!r}); retrying cannot succeed before it resets"
                 ),
-                limit=0,
-                observed=attempt.status,
+                limit=0,  # refusals of this kind tolerated
+                observed=1,
                 exception=UpstreamBudgetExceeded,
                 details=details,
             )

@@ -189,7 +189,10 @@ def _begin(
 ) -> Call | None:
     """Admit the call in every active guard (raising if refused), or None if not billable."""
     options = _options(args, kwargs)
-    fingerprint = any(a.needs_fingerprint for a in accounts)
+    if len(accounts) == 1:
+        fingerprint = accounts[0].needs_fingerprint
+    else:
+        fingerprint = any(a.needs_fingerprint for a in accounts)
     plan = adapter.describe(options, fingerprint)
     if plan is None:
         return None
@@ -300,13 +303,17 @@ def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
 
 
 def _reportable(call: Call, response: Any) -> bool:
-    """Whether an answer changes anything: a failure, or a success ending a streak of 429s."""
+    """Whether the guards need this answer: a failure, a success ending a streak of 429s,
+    or any answer when a guard watches attempts."""
     status = getattr(response, "status_code", None)
     if type(status) is not int:
         return False
     if status >= 400:
         return True
-    return any(a.consecutive_rate_limited for a in call.accounts)
+    for account in call.accounts:
+        if account.consecutive_rate_limited or account.attempt_guards:
+            return True
+    return False
 
 
 def _watched(call: Call) -> bool:

@@ -44,7 +44,9 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     digest = None
     if want_fingerprint:
         digest = fingerprint(
-            endpoint, model, *(body.get(key) for key in ("system", "messages", "prompt", "tools"))
+            endpoint,
+            model,
+            *(body.get(key) for key in ("system", "messages", "prompt", "tools", "tool_choice")),
         )
     return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
 

@@ -70,7 +70,8 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
             endpoint,
             model,
             *(body.get(key) for key in ("messages", "input", "prompt", "instructions")),
-            *(body.get(key) for key in ("tools", "functions")),
+            *(body.get(key) for key in ("tools", "functions", "tool_choice")),
+            *(body.get(key) for key in ("response_format", "text")),
         )
     return Plan(endpoint, model, tokens, cap, stream, digest)
 
