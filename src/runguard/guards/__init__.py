@@ -51,9 +51,10 @@ class Guard(Protocol):
     :class:`~runguard.UnknownModelPrice` rather than counted as $0).
 
     A guard may also define ``attempted(request, attempt, account)``, called
-    after every answered HTTP attempt of an admitted call (the SDKs' own
-    retries included; a timeout or a lost connection has no answer); a Trip
-    returned there on an error answer ends the call at once, and no further
+    inside the SDK's retry loop after every attempt of an admitted call that
+    was answered with an error status, and after a success that ends a
+    streak of 429s (other successes, timeouts and lost connections are not
+    reported); a Trip returned there ends the call at once, and no further
     attempt of any call covered by the RunGuard is sent. And ``admitted(request, account)``,
     called once every RunGuard covering the call has admitted it (``admit``
     returning None does not mean the call goes: an outer guard may refuse).

@@ -44,11 +44,7 @@ class RateLimits:
         return None
 
     def attempted(self, request: CallRequest, attempt: Attempt, account: Account) -> Trip | None:
-        details: dict[str, object] = {"status": attempt.status}
-        if attempt.retry_after is not None:
-            details["retry_after"] = attempt.retry_after
         if attempt.budget_refusal is not None:
-            details["message"] = attempt.budget_refusal
             return Trip(
                 guard="upstream_budget",
                 reason=(
@@ -59,13 +55,14 @@ class RateLimits:
                 limit=0,  # refusals of this kind tolerated
                 observed=1,
                 exception=UpstreamBudgetExceeded,
-                details=details,
+                details=_details(attempt, message=attempt.budget_refusal),
             )
         if attempt.status != 429:
             return None
-        seen = (
-            account.consecutive_rate_limited if self.consecutive else account.rate_limited_attempts
-        )
+        if self.consecutive:
+            seen = account.consecutive_rate_limited
+        else:
+            seen = account.rate_limited_attempts
         if seen < self.limit:
             return None
         streak = " in a row" if self.consecutive else ""
@@ -84,9 +81,17 @@ class RateLimits:
             limit=self.limit,
             observed=seen,
             exception=RateLimitStorm,
-            details=details,
+            details=_details(attempt),
         )
 
     def __repr__(self) -> str:
         kind = "consecutive" if self.consecutive else "total"
         return f"RateLimits({self.limit!r}, {kind})"
+
+
+def _details(attempt: Attempt, **more: object) -> dict[str, object]:
+    details: dict[str, object] = {"status": attempt.status}
+    if attempt.retry_after is not None:
+        details["retry_after"] = attempt.retry_after
+    details.update(more)
+    return details

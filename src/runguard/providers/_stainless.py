@@ -303,17 +303,17 @@ def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
 
 
 def _reportable(call: Call, response: Any) -> bool:
-    """Whether the guards need this answer: a failure, a success ending a streak of 429s,
-    or any answer when a guard watches attempts."""
+    """Whether the guards need this answer: a failure, or a success ending a streak of 429s.
+
+    Other successes change nothing, and skipping them keeps the lock off the
+    common path.
+    """
     status = getattr(response, "status_code", None)
     if type(status) is not int:
         return False
     if status >= 400:
         return True
-    for account in call.accounts:
-        if account.consecutive_rate_limited or account.attempt_guards:
-            return True
-    return False
+    return any(account.consecutive_rate_limited for account in call.accounts)
 
 
 def _watched(call: Call) -> bool:
