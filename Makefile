@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-test: lint typecheck
+# The shared-budget tests start their own redis-server (tests/conftest.py) on a free
+# loopback port and stop it afterwards; this only makes sure Debian's binary is here.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server; }; }
+
+test: lint typecheck redis-server
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.dev

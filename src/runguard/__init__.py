@@ -8,6 +8,7 @@ the call with a typed exception, and nothing leaves the process.
 
 from ._errors import (
     BudgetExceeded,
+    BudgetUnavailable,
     ContextOverflow,
     GuardTripped,
     InstrumentationError,
@@ -21,11 +22,18 @@ from ._errors import (
 from ._guard import RunGuard, current_guard, guarded, propagate
 from ._ledger import Account
 from ._records import Attempt, CallRequest, CallResult, ToolCall, Trip, Usage
+from .alerts import Alert
+from .budgets import Budget
 from .pricing import Price
 from .providers import instrument
+from .steps import Breakdown, step
 
 __all__ = [
     "Account",
+    "Alert",
+    "Breakdown",
+    "Budget",
+    "BudgetUnavailable",
     "Attempt",
     "BudgetExceeded",
     "CallRequest",
@@ -48,4 +56,5 @@ __all__ = [
     "guarded",
     "instrument",
     "propagate",
+    "step",
 ]

@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from . import budgets
 from ._errors import UnknownModelPrice
 from ._ledger import LEDGER, Account, Reservation
 from ._records import CallRequest, CallResult, ToolCall, Usage
+from .alerts import deliver
 from .pricing import Rates, rates_for
+from .steps import current_step
+from .stores import Amounts
 
 #: Output tokens reserved for a request that sets no output cap of its own.
 DEFAULT_OUTPUT_TOKENS = 4096
@@ -34,6 +38,7 @@ class Call(Reservation):
         "deferred",
         "hide_usage_chunk",
         "input_tokens",
+        "leases",
         "llm_seconds",
         "model",
         "output_tokens",
@@ -80,6 +85,8 @@ class Call(Reservation):
         self.tool_calls: list[ToolCall] | None = [] if wanted else None
         #: tool calls a stream delivers in pieces: key -> [name, arguments so far]
         self.pending_tools: dict[object, list[str]] | None = None
+        #: the shared budgets' holds on this call
+        self.leases: list[budgets.Lease] = []
 
     def observe(
         self,
@@ -123,7 +130,14 @@ class Call(Reservation):
             # arguments streamed in pieces; a tool without arguments streams none
             pending = self.pending_tools.values()
             tool_calls.extend(ToolCall.of(name, args or "{}") for name, args in pending)
-        LEDGER.settle(self, CallResult(usage, tuple(tool_calls) if tool_calls else ()))
+        result = CallResult(usage, tuple(tool_calls) if tool_calls else (), self.model)
+        alerts = LEDGER.settle(self, result)
+        if self.leases:
+            spent = Amounts(usage.calls, usage.input_tokens, usage.output_tokens, usage.cost_usd)
+            alerts += budgets.settle(self.leases, spent)
+            self.leases = []
+        for alert, on_alert in alerts:
+            deliver((alert,), on_alert)
 
     def _usage(self, failed: bool) -> Usage:
         request = self.request
@@ -182,10 +196,41 @@ def start_call(
         worst = None
     else:
         worst = rates.cost(input_tokens, output)
+    step, role = current_step()
     # positional: a named tuple built from keywords costs twice as much
     request = CallRequest(
-        provider, endpoint, model, input_tokens, output, capped, stream, worst, fingerprint
+        provider,
+        endpoint,
+        model,
+        input_tokens,
+        output,
+        capped,
+        stream,
+        worst,
+        fingerprint,
+        step,
+        role,
     )
     call = Call(accounts, request, rates, overrides)
     LEDGER.admit(call)
+    shared = _budgets(accounts)
+    if shared:
+        try:
+            call.leases = budgets.reserve(shared, request, LEDGER.snapshot(accounts[0]))
+        except BaseException:
+            LEDGER.release(call)
+            raise
     return call
+
+
+def _budgets(accounts: tuple[Account, ...]) -> list[tuple[budgets.Budget, str | None]]:
+    """Every budget listed by a covering RunGuard, once each, innermost first."""
+    if len(accounts) == 1:
+        only = accounts[0]
+        return [(b, only.name) for b in only.budgets]
+    found: list[tuple[budgets.Budget, str | None]] = []
+    for account in accounts:
+        for budget in account.budgets:
+            if all(budget is not b for b, _ in found):
+                found.append((budget, account.name))
+    return found

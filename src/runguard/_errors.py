@@ -56,6 +56,15 @@ class UpstreamBudgetExceeded(BudgetExceeded):
     """
 
 
+class BudgetUnavailable(GuardTripped):
+    """A shared budget's store could not be reached, so the call was not sent.
+
+    Budgets fail closed by default; ``Budget(..., on_store_error="allow")``
+    lets calls through (with a warning) instead. This refusal does not latch
+    the RunGuard: the next call asks the store again.
+    """
+
+
 class RateLimitStorm(GuardTripped):
     """Too many HTTP attempts were answered "too many requests" (status 429).
 

@@ -6,7 +6,7 @@ import contextvars
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from time import monotonic
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast, overload
@@ -17,6 +17,8 @@ from ._errors import GuardTripped
 from ._ledger import LEDGER, Account, next_serial, raise_trip
 from ._records import Trip, Usage
 from ._scope import active_accounts, context_accounts
+from .alerts import OnAlert, check_on_alert, check_thresholds
+from .budgets import Budget
 from .guards import (
     Ceiling,
     Guard,
@@ -29,6 +31,7 @@ from .guards import (
 )
 from .guards.loops import DEFAULT_LOOP_WINDOW
 from .pricing import Price, normalize_prices
+from .steps import Breakdown, step
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -140,6 +143,13 @@ class RunGuard:
             messages, tools) within ``loop_window`` calls; refuse the next.
         loop_window: calls the two loop guards look back over (default 20).
         guards: extra guards implementing :class:`runguard.guards.Guard`.
+        budgets: shared :class:`Budget` s (per minute ... month, in a store)
+            that must also admit every call, and are charged for it.
+        alert_at: fractions of each keyword ceiling (calls, tokens, dollars)
+            to warn at, once each (e.g. ``0.8`` or ``[0.5, 0.9]``).
+        on_alert: where warnings go: a callable taking an
+            :class:`~runguard.alerts.Alert`, or a webhook URL (JSON POST, off
+            the agent's path); by default a ``logging`` warning.
         prices: per-model overrides: a :class:`Price` or the name of a known
             model to price it as.
         name: shown in messages, trips and reports.
@@ -168,6 +178,9 @@ class RunGuard:
         max_identical_requests: int | None = None,
         loop_window: int | None = None,
         guards: Iterable[Guard] = (),
+        budgets: Iterable[Budget] = (),
+        alert_at: float | Sequence[float] | None = None,
+        on_alert: OnAlert = None,
         prices: Mapping[str, Price | str] | None = None,
         name: str | None = None,
         scope: Scope = "context",
@@ -202,7 +215,20 @@ class RunGuard:
         self.name = name
         self.scope: Scope = scope
         self.raise_on_exit = raise_on_exit
-        self._account = Account(name, built, normalize_prices(prices))
+        if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Iterable):
+            raise TypeError("budgets must be an iterable of runguard.Budget")
+        shared = tuple(budgets)
+        for budget in shared:
+            if not isinstance(budget, Budget):
+                raise TypeError(f"budgets must hold runguard.Budget, got {type(budget).__name__}")
+        self._account = Account(
+            name,
+            built,
+            normalize_prices(prices),
+            shared,
+            check_thresholds(alert_at),
+            check_on_alert(on_alert),
+        )
         self._account.owner = self
         self._token: contextvars.Token[tuple[Account, ...]] | None = None
         self._state: Literal["new", "active", "done"] = "new"
@@ -227,6 +253,30 @@ class RunGuard:
     @property
     def tripped(self) -> bool:
         return self._account.trip is not None
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return self._account.budgets
+
+    @property
+    def ledger(self) -> Breakdown:
+        """What the calls inside spent by step, role and model (a snapshot)."""
+        return LEDGER.breakdown(self._account)
+
+    def report(self) -> str:
+        """A readable table of :attr:`ledger`, headed by the guard's name and totals."""
+        usage = self.usage
+        title = f"RunGuard {self.name!r}" if self.name else "RunGuard"
+        title += f": {usage.calls:,} calls, ${usage.cost_usd:.4f}"
+        return self.ledger.report(title)
+
+    def step(self, name: str, role: str | None = None) -> step:
+        """Attribute the calls made inside the ``with`` block to a step (and a role).
+
+        The same as :func:`runguard.step`: the label covers every guard the
+        calls are charged to.
+        """
+        return step(name, role)
 
     # -- lifecycle ---------------------------------------------------------------
 

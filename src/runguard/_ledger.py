@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import GuardTripped
 from ._records import Attempt, CallRequest, CallResult, Trip, Usage
+from .alerts import Alert, OnAlert
+from .guards.ceiling import Ceiling
+from .steps import Breakdown
 
 if TYPE_CHECKING:
+    from .budgets import Budget
     from .guards import Guard
     from .pricing import Rates
 
@@ -39,8 +43,10 @@ class Account:
 
     __slots__ = (
         "admitted_guards",
+        "alert_at",
         "attempt_guards",
         "attempts_stopped",
+        "budgets",
         "cache_read_tokens",
         "cache_write_tokens",
         "calls",
@@ -48,6 +54,7 @@ class Account:
         "cost_usd",
         "entered_at",
         "estimated_calls",
+        "fired",
         "guards",
         "input_tokens",
         "llm_seconds",
@@ -55,6 +62,7 @@ class Account:
         "needs_fingerprint",
         "needs_price",
         "needs_tool_calls",
+        "on_alert",
         "output_tokens",
         "owner",
         "prices",
@@ -63,6 +71,7 @@ class Account:
         "reserved_cost_usd",
         "reserved_input_tokens",
         "reserved_output_tokens",
+        "rows",
         "serial",
         "state",
         "trip",
@@ -74,11 +83,24 @@ class Account:
         name: str | None,
         guards: Sequence[Guard],
         prices: Mapping[str, Rates | str],
+        budgets: Sequence[Budget] = (),
+        alert_at: tuple[float, ...] = (),
+        on_alert: OnAlert = None,
     ) -> None:
         self.name = name
+        self.budgets = tuple(budgets)
+        #: fractions of each keyword ceiling to warn at, and where warnings go
+        self.alert_at = alert_at
+        self.on_alert = on_alert
+        #: (ceiling name, fraction) pairs already warned about
+        self.fired: set[tuple[str, float]] = set()
+        #: (step, role, model) -> [calls, input, output, cache read, cache write, $, seconds, ...]
+        self.rows: dict[tuple[str | None, str | None, str], list[float]] = {}
         self.guards = tuple(guards)
         self.prices = prices
-        self.needs_price = any(getattr(g, "needs_price", False) for g in self.guards)
+        self.needs_price = any(getattr(g, "needs_price", False) for g in self.guards) or any(
+            b.needs_price for b in self.budgets
+        )
         #: whether providers must fingerprint requests / read tool calls for these guards
         self.needs_fingerprint = any(getattr(g, "needs_fingerprint", False) for g in self.guards)
         self.needs_tool_calls = any(getattr(g, "needs_tool_calls", False) for g in self.guards)
@@ -207,18 +229,20 @@ class Ledger:
                 return
         raise _exception(refused[1], usage)
 
-    def settle(self, reservation: Reservation, result: CallResult) -> None:
+    def settle(self, reservation: Reservation, result: CallResult) -> list[tuple[Alert, OnAlert]]:
         """Release the reservation and charge the call's usage; latch guards it pushed over.
 
         Only the first settlement of a reservation counts: a stream may be
         settled by its end, its close and its garbage collection alike.
+        Returns the alerts the call crossed, to be delivered outside the lock.
         """
         request = reservation.request
         usage = result.usage
         cost = request.max_cost_usd or 0.0
+        alerts: list[tuple[Alert, OnAlert]] = []
         with self._lock:
             if not reservation.open:
-                return
+                return alerts
             reservation.open = False
             for account in reservation.accounts:
                 account.reserved_calls -= 1
@@ -237,12 +261,42 @@ class Ledger:
                 account.llm_seconds += usage.llm_seconds
                 account.estimated_calls += usage.estimated_calls
                 account.unpriced_calls += usage.unpriced_calls
+                key = (request.step, request.role, result.model or request.model)
+                row = account.rows.get(key)
+                if row is None:
+                    row = account.rows[key] = [0] * len(usage)
+                for i, amount in enumerate(usage):
+                    row[i] += amount
+                if account.alert_at:
+                    alerts.extend((a, account.on_alert) for a in _crossed(account))
                 if account.trip is None:
                     for guard in account.guards:
                         trip = guard.settled(request, result, account)
                         if trip is not None:
                             account.trip = _own(trip, account)
                             break
+        return alerts
+
+    def release(self, reservation: Reservation) -> None:
+        """Drop a reservation without charging anything (a call that was never sent)."""
+        request = reservation.request
+        cost = request.max_cost_usd or 0.0
+        with self._lock:
+            if not reservation.open:
+                return
+            reservation.open = False
+            for account in reservation.accounts:
+                account.reserved_calls -= 1
+                account.reserved_input_tokens -= request.input_tokens
+                account.reserved_output_tokens -= request.max_output_tokens
+                account.reserved_cost_usd -= cost
+                if account.reserved_calls == 0:
+                    account.reserved_cost_usd = 0.0
+
+    def breakdown(self, account: Account) -> Breakdown:
+        with self._lock:
+            rows = {key: Usage._make(row) for key, row in account.rows.items()}
+        return Breakdown(rows)
 
     def attempted(self, reservation: Reservation, attempt: Attempt) -> None:
         """Count one answered HTTP attempt of an admitted call; raise to end the call.
@@ -292,6 +346,31 @@ class Ledger:
             if account.trip is None:
                 account.trip = _own(trip, account)
             return account.trip
+
+
+def _crossed(account: Account) -> list[Alert]:
+    """Alerts for the keyword ceilings' thresholds this account has just reached."""
+    found = []
+    for guard in account.guards:
+        used = getattr(guard, "used", None)
+        if used is None or not isinstance(guard, Ceiling):
+            continue
+        value = used(account)
+        for threshold in account.alert_at:
+            if value >= threshold * guard.limit and (guard.name, threshold) not in account.fired:
+                account.fired.add((guard.name, threshold))
+                found.append(
+                    Alert(
+                        source="guard",
+                        name=guard.name,
+                        metric=guard.metric,
+                        threshold=threshold,
+                        value=value,
+                        limit=guard.limit,
+                        run=account.name,
+                    )
+                )
+    return found
 
 
 def _own(trip: Trip, account: Account) -> Trip:

@@ -44,6 +44,9 @@ class CallRequest(NamedTuple):
     max_cost_usd: float | None
     #: a hash of model, messages (or input) and tools, when a guard asked for one
     fingerprint: int | None = None
+    #: the step and role the call was made in (``runguard.step``), for attribution
+    step: str | None = None
+    role: str | None = None
 
     @property
     def max_total_tokens(self) -> int:
@@ -125,6 +128,8 @@ class CallResult(NamedTuple):
 
     usage: Usage
     tool_calls: tuple[ToolCall, ...] = ()
+    #: the model that answered (the response's model name), if it said
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

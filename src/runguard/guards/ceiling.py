@@ -59,6 +59,10 @@ class Ceiling:
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         raise NotImplementedError
 
+    def used(self, account: Account) -> float:
+        """What the RunGuard has spent of this metric (settled calls)."""
+        raise NotImplementedError
+
     def _refusal(self, request: CallRequest, spent: float, reserved: float, ask: float) -> Trip:
         metric = self.metric
         total = spent + reserved + ask
@@ -97,6 +101,9 @@ class Ceiling:
 class _Calls(Ceiling):
     __slots__ = ()
 
+    def used(self, account: Account) -> float:
+        return account.calls
+
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         spent, reserved = account.calls, account.reserved_calls
         if spent + reserved + 1 <= self.limit:
@@ -110,6 +117,9 @@ class _Calls(Ceiling):
 
 class _InputTokens(Ceiling):
     __slots__ = ()
+
+    def used(self, account: Account) -> float:
+        return account.input_tokens
 
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         spent, reserved, ask = (
@@ -129,6 +139,9 @@ class _InputTokens(Ceiling):
 class _OutputTokens(Ceiling):
     __slots__ = ()
 
+    def used(self, account: Account) -> float:
+        return account.output_tokens
+
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         spent, reserved = account.output_tokens, account.reserved_output_tokens
         ask = request.max_output_tokens
@@ -143,6 +156,9 @@ class _OutputTokens(Ceiling):
 
 class _TotalTokens(Ceiling):
     __slots__ = ()
+
+    def used(self, account: Account) -> float:
+        return account.input_tokens + account.output_tokens
 
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         spent = account.input_tokens + account.output_tokens
@@ -159,6 +175,9 @@ class _TotalTokens(Ceiling):
 
 class _Cost(Ceiling):
     __slots__ = ()
+
+    def used(self, account: Account) -> float:
+        return account.cost_usd
 
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         spent, reserved = account.cost_usd, account.reserved_cost_usd
