@@ -139,6 +139,20 @@ def test_tool_loop_example_is_stopped_after_the_third_repeat() -> None:
     assert number("requests that reached the provider", out) == calls == 4
 
 
+def test_support_bot_example_alerts_then_refuses_at_its_daily_budget() -> None:
+    done = run("examples/support_bot.py")
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
+    assert "budget:daily tripped" in out and "resets at" in out
+    assert re.search(r"^alert: daily-alert at \$", out, re.MULTILINE)
+    assert "most expensive step:" in out
+    for name in ("retrieval", "routing", "refund-agent", "synthesis", "guardrail"):
+        assert re.search(rf"^{name}\s+\d+", out, re.MULTILINE), name
+    calls = re.search(r"^RunGuard 'support-bot': (\d+) calls", out, re.MULTILINE)
+    assert calls, out
+    assert number("requests that reached the provider", out) == int(calls.group(1))
+
+
 def test_overhead_benchmark_runs() -> None:
     done = run("benchmarks/overhead.py", "--quick", timeout=110)
     assert done.returncode == 0, done.stderr

@@ -32,19 +32,21 @@ __all__ = ["RedisStore"]
 #: how long after a window's end Redis keeps its keys
 EXPIRY_MARGIN_SECONDS = 3600
 
-# Shared by the scripts. KEYS: spent, leases, markers. Lua numbers are doubles:
-# exact for token counts below 2**53; costs go back to Python as "%.17g" text,
-# because Redis truncates a Lua number reply to an integer.
+# Shared by the scripts. KEYS: spent, leases, markers. Lua numbers are doubles,
+# as Python floats are: token counts are exact below 2**53, and a cost is added
+# with the same double arithmetic as MemoryStore's and kept as "%.17g" text,
+# which reads back as the same double (Redis would truncate a Lua number reply
+# to an integer, and HINCRBYFLOAT rounds through long double).
 _COMMON = """
-local function expire(expire_at)
-    local at = math.ceil(tonumber(expire_at) + tonumber(ARGV[#ARGV]))
+local function expire(expire_at, margin)
+    local at = math.ceil(tonumber(expire_at) + tonumber(margin))
     for _, name in ipairs(KEYS) do redis.call('EXPIREAT', name, at) end
 end
 local function cost(value) return string.format('%.17g', value) end
 """
 
 # ARGV: now, expire_at, lease_id, lease_until, ask calls, input, output, cost,
-#       limit calls, input, output, total, cost ("" for no limit), margin
+#       limit calls, input, output, total tokens, cost ("" for no limit), margin
 _RESERVE = (
     _COMMON
     + """
@@ -66,27 +68,22 @@ for i = 1, #leases, 2 do
     end
 end
 
+local after = {}
+for i = 1, 4 do after[i] = total[i] + tonumber(ARGV[4 + i]) end
+-- in the order of Limits: calls, input, output, total tokens, cost
+local checked = {after[1], after[2], after[3], after[2] + after[3], after[4]}
 local ok = 1
 for i = 1, 5 do
     local limit = ARGV[8 + i]
-    if limit ~= '' then
-        local asked
-        if i == 4 then
-            -- total tokens: input + output
-            asked = total[2] + total[3] + tonumber(ARGV[6]) + tonumber(ARGV[7])
-        else
-            asked = total[i < 4 and i or 4] + tonumber(ARGV[4 + (i < 4 and i or 4)])
-        end
-        if asked > tonumber(limit) then ok = 0 end
-    end
+    if limit ~= '' and checked[i] > tonumber(limit) then ok = 0 end
 end
 
 redis.call('HSET', KEYS[1], 'expire_at', ARGV[2])
 if ok == 1 then
-    redis.call('HSET', KEYS[2], ARGV[3],
-        table.concat({ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[4]}, ' '))
+    local lease = {ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[4]}
+    redis.call('HSET', KEYS[2], ARGV[3], table.concat(lease, ' '))
 end
-expire(ARGV[2])
+expire(ARGV[2], ARGV[14])
 return {ok, total[1], total[2], total[3], cost(total[4])}
 """
 )
@@ -99,9 +96,9 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 local calls = redis.call('HINCRBY', KEYS[1], 'calls', ARGV[2])
 local input_tokens = redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[3])
 local output_tokens = redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[4])
-local cost_usd = redis.call('HINCRBYFLOAT', KEYS[1], 'cost_usd', ARGV[5])
-redis.call('HSET', KEYS[1], 'expire_at', ARGV[6])
-expire(ARGV[6])
+local cost_usd = cost((tonumber(redis.call('HGET', KEYS[1], 'cost_usd')) or 0) + tonumber(ARGV[5]))
+redis.call('HSET', KEYS[1], 'cost_usd', cost_usd, 'expire_at', ARGV[6])
+expire(ARGV[6], ARGV[7])
 return {calls, input_tokens, output_tokens, cost_usd}
 """
 )
@@ -112,7 +109,7 @@ _FIRST = (
     + """
 redis.call('HSET', KEYS[1], 'expire_at', ARGV[2])
 local added = redis.call('SADD', KEYS[3], ARGV[1])
-expire(ARGV[2])
+expire(ARGV[2], ARGV[3])
 return added
 """
 )
@@ -135,12 +132,13 @@ class RedisStore:
         client: Any = None,
         socket_timeout: float = 1.0,
     ) -> None:
+        self._owns_client = client is None
         if client is None:
             try:
                 import redis
                 from redis.backoff import NoBackoff
                 from redis.retry import Retry
-            except ImportError as e:  # pragma: no cover - depends on the environment
+            except ImportError as e:
                 raise ImportError(
                     "RedisStore needs the redis package: pip install agent-runguard[redis]"
                 ) from e
@@ -177,7 +175,7 @@ class RedisStore:
                 lease_id,
                 repr(float(lease_until)),
                 *_amounts(ask),
-                *("" if limit is None else repr(limit) for limit in limits),
+                *("" if limit is None else repr(float(limit)) for limit in limits),
                 EXPIRY_MARGIN_SECONDS,
             ],
         )
@@ -200,8 +198,9 @@ class RedisStore:
         return bool(added)
 
     def close(self) -> None:
-        """Close the client's connections."""
-        self._client.close()
+        """Close the connections of the client this store made (a client passed in is left open)."""
+        if self._owns_client:
+            self._client.close()
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self.prefix}{key}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -56,13 +57,21 @@ CREATE TABLE IF NOT EXISTS markers (
 ) WITHOUT ROWID;
 """
 
-# Windows that ended by the caller's clock, as MemoryStore forgets them at
-# every reservation; the index on expire_at keeps this a no-op range scan
-# when nothing has ended.
+#: how often (seconds, per store object) a reservation also deletes other keys' ended windows
+SWEEP_SECONDS = 60.0
+
+# Every window that ended by the caller's clock. A reservation forgets its own
+# key's ended window every time, as MemoryStore does; the rest is only garbage,
+# so it goes now and then rather than in every transaction.
 _FORGET_ENDED = (
     "DELETE FROM leases WHERE key IN (SELECT key FROM spent WHERE expire_at < :now)",
     "DELETE FROM markers WHERE key IN (SELECT key FROM spent WHERE expire_at < :now)",
     "DELETE FROM spent WHERE expire_at < :now",
+)
+_FORGET_KEY = (
+    "DELETE FROM leases WHERE key = ?",
+    "DELETE FROM markers WHERE key = ?",
+    "DELETE FROM spent WHERE key = ?",
 )
 
 _TOUCH = (
@@ -81,7 +90,7 @@ _ADD_SPENT = (
     " expire_at = excluded.expire_at"
 )
 
-_SPENT = "SELECT calls, input_tokens, output_tokens, cost_usd FROM spent WHERE key = ?"
+_SPENT = "SELECT calls, input_tokens, output_tokens, cost_usd, expire_at FROM spent WHERE key = ?"
 
 _LEASED = (
     "SELECT coalesce(sum(calls), 0), coalesce(sum(input_tokens), 0),"
@@ -90,9 +99,9 @@ _LEASED = (
 )
 
 # Connections a forked child inherited from its parent. SQLite forbids using
-# them in the child, and closing one there is "using" it too (closing may
-# checkpoint the WAL or drop locks the parent relies on), so they are kept
-# referenced, never closed, for the life of the child.
+# them in the child, and closing one is a use too: the child's copy believes it
+# holds the parent's locks, and a close may checkpoint and remove the WAL the
+# parent still writes. So they stay referenced, never closed, in the child.
 _inherited: list[sqlite3.Connection] = []
 
 
@@ -114,6 +123,7 @@ class SQLiteStore:
         self.timeout = timeout
         self.name = f"sqlite:{path}"
         self._local = threading.local()
+        self._next_sweep = 0.0  # time.monotonic(): robust to callers' clocks jumping
 
     def reserve(
         self,
@@ -129,11 +139,19 @@ class SQLiteStore:
 
         db = self._connection()
         with _write(db):
-            for sql in _FORGET_ENDED:
-                db.execute(sql, {"now": now})
+            if self._sweep_due():
+                for sql in _FORGET_ENDED:
+                    db.execute(sql, {"now": now})
+            spent = db.execute(_SPENT, (key,)).fetchone()
+            if spent is not None and spent[4] < now:
+                # the key's window has ended (a caller whose clock is ahead reuses it)
+                for sql in _FORGET_KEY:
+                    db.execute(sql, (key,))
+                spent = None
             db.execute("DELETE FROM leases WHERE key = ? AND until <= ?", (key, now))
             calls, input_tokens, output_tokens, cost_usd = db.execute(_LEASED, (key,)).fetchone()
-            total = _spent(db, key) + Amounts(calls, input_tokens, output_tokens, float(cost_usd))
+            leased = Amounts(calls, input_tokens, output_tokens, float(cost_usd))
+            total = _amounts(spent) + leased
             db.execute(_TOUCH, (key, expire_at))
             if not limits.admits(total + ask):
                 return False, total
@@ -148,7 +166,7 @@ class SQLiteStore:
         with _write(db):
             db.execute("DELETE FROM leases WHERE key = ? AND lease_id = ?", (key, lease_id))
             db.execute(_ADD_SPENT, (key, *_row(actual), expire_at))
-            return _spent(db, key)
+            return _amounts(db.execute(_SPENT, (key,)).fetchone())
 
     def first(self, key: str, marker: str, expire_at: float) -> bool:
         db = self._connection()
@@ -166,6 +184,14 @@ class SQLiteStore:
             del self._local.db
             db.close()
 
+    def _sweep_due(self) -> bool:
+        # threads racing here may both sweep once: harmless
+        clock = time.monotonic()
+        if clock < self._next_sweep:
+            return False
+        self._next_sweep = clock + SWEEP_SECONDS
+        return True
+
     def _connection(self) -> sqlite3.Connection:
         local = self._local
         pid = os.getpid()
@@ -179,7 +205,7 @@ class SQLiteStore:
         # BEGIN IMMEDIATE so the write lock is taken before anything is read
         db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode = WAL")
+            self._use_wal(db)
             # in WAL mode a commit survives a process crash without an fsync;
             # only a power loss can undo the last commits, never corrupt the file
             db.execute("PRAGMA synchronous = NORMAL")
@@ -192,6 +218,20 @@ class SQLiteStore:
             raise
         local.db, local.pid = db, pid
         return db
+
+    def _use_wal(self, db: sqlite3.Connection) -> None:
+        # Switching a new file to WAL takes an exclusive lock without waiting on the
+        # busy handler, so processes opening a new file together can see "database
+        # is locked" here: retry until the timeout, as a busy handler would.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
 
 @contextmanager
@@ -208,13 +248,13 @@ def _write(db: sqlite3.Connection) -> Iterator[None]:
             db.execute("ROLLBACK")
 
 
-def _spent(db: sqlite3.Connection, key: str) -> Amounts:
+def _amounts(spent: tuple[int, int, int, float, float] | None) -> Amounts:
+    """The amounts of a row of ``spent`` (none if there is no row)."""
     from . import Amounts
 
-    row = db.execute(_SPENT, (key,)).fetchone()
-    if row is None:
+    if spent is None:
         return Amounts()
-    calls, input_tokens, output_tokens, cost_usd = row
+    calls, input_tokens, output_tokens, cost_usd, _ = spent
     return Amounts(calls, input_tokens, output_tokens, float(cost_usd))
 
 
