@@ -471,10 +471,8 @@ def test_a_step_outside_any_runguard_does_nothing(fake: FakeProvider, client: An
 
 
 def test_a_step_object_entered_twice_restores_the_outer_label() -> None:
-    # SRC BUG?: step keeps a single ``_token`` slot. Re-entering the same object
-    # overwrites the outer token; the inner exit resets to the outer label and
-    # clears the slot, so the outer exit does nothing and ("x", None) stays set
-    # for the rest of the thread or task: every later call is mis-attributed.
+    # A step object keeps no state: entered inside itself, each exit restores
+    # the label it entered from, and nothing leaks once both have exited.
     label = step("x")
 
     def enter_twice() -> tuple[str | None, str | None]:
@@ -489,10 +487,8 @@ def test_a_step_object_entered_twice_restores_the_outer_label() -> None:
 
 
 async def test_one_step_object_shared_by_concurrent_tasks() -> None:
-    # SRC BUG?: with a single ``_token`` slot, task B's __aenter__ overwrites
-    # task A's token; A's __aexit__ then resets B's token in A's context and
-    # ContextVar.reset raises ValueError ("created in a different Context")
-    # into the agent, from the step's exit.
+    # One step object entered by concurrent tasks: each task's label lives in
+    # its own context, so exits never cross and nothing raises into the agent.
     fake = FakeProvider(responder=by_content(REPLIES))
     aclient = fake.async_openai(max_retries=0)
     research = step("research", role="researcher")

@@ -420,12 +420,9 @@ def test_nested_budgets_each_admit_and_each_is_charged(
 def test_a_budget_refusal_carries_the_usage_of_the_runguard_that_listed_it(
     fake: FakeProvider, client: Any, store: MemoryStore
 ) -> None:
-    # SRC BUG?: GuardTripped.usage is "what the tripped RunGuard had spent";
-    # a budget refusal names, in trip.run, the RunGuard that listed the budget,
-    # but _call.start_call always passes the innermost RunGuard's snapshot
-    # (LEDGER.snapshot(accounts[0])) to budgets.reserve. Here the outer guard
-    # listed the refusing budget and had spent 4 calls; the exception says 2
-    # (the inner guard's).
+    # GuardTripped.usage is what the RunGuard named in trip.run had spent: for a
+    # budget refusal, the RunGuard that listed the budget (here the outer one,
+    # 4 calls), not the innermost (2 calls).
     org = Budget("org", max_calls=4, store=store)
     with RunGuard(budgets=[org], name="org-guard") as outer:
         ask(client)
@@ -503,12 +500,8 @@ def test_the_same_budget_at_two_levels_is_charged_once_per_call(
 def test_the_same_budget_listed_twice_in_one_runguard_is_charged_once(
     fake: FakeProvider, client: Any, store: MemoryStore
 ) -> None:
-    # SRC BUG?: _call._budgets() de-duplicates budgets across nested RunGuards
-    # ("every budget listed by a covering RunGuard, once each") but its
-    # single-RunGuard fast path returns account.budgets as listed, so
-    # RunGuard(budgets=[b, b]) (e.g. from concatenated budget lists) reserves
-    # and settles every call twice: with max_calls=3 only 1 call is sent and
-    # the store holds 2 calls for it. Nested at two levels it is charged once.
+    # RunGuard(budgets=[b, b]) (concatenated budget lists) charges b once per
+    # call, as listing it at two nesting levels does.
     shared = Budget("twice", max_calls=3, store=store)
     with RunGuard(budgets=[shared, shared]):
         sent = calls_until_refused(client)
@@ -886,11 +879,8 @@ def test_a_store_failing_at_settle_time_never_raises_into_the_agent(
 def test_the_settle_failure_warning_does_not_misstate_the_policy(
     fake: FakeProvider, client: Any
 ) -> None:
-    # SRC BUG?: Budget.store_failed() always says "on_store_error='allow', so
-    # the call is not counted there". It is also used for failures at settle
-    # and release time, where a default (on_store_error='reject') budget gets
-    # a warning claiming the opposite policy; and the call's lease is still
-    # counted there until it lapses (lease_seconds).
+    # A failure at settle time (after the call was made) is a warning that
+    # says what happens to the hold, not one that names the 'allow' policy.
     budget = Budget("remote", max_calls=10, store=FlakyStore(failing=("settle",)))
     with RunGuard(budgets=[budget]), pytest.warns(RuntimeWarning) as caught:
         ask(client)
@@ -960,9 +950,9 @@ def test_anthropic_calls_draw_on_the_same_budget(fake: FakeProvider, store: Memo
 # -- validation ------------------------------------------------------------------------------
 
 BAD_BUDGETS = [
-    ({"name": ""}, TypeError, "name"),
+    ({"name": ""}, ValueError, "name"),
     ({"name": 5}, TypeError, "name"),
-    ({"name": "a:b"}, TypeError, "name"),
+    ({"name": "a:b"}, ValueError, "name"),
     ({"max_calls": 0}, ValueError, "max_calls"),
     ({"max_calls": 1.5}, TypeError, "max_calls"),
     ({"max_calls": True}, TypeError, "max_calls"),

@@ -216,21 +216,21 @@ def start_call(
     shared = _budgets(accounts)
     if shared:
         try:
-            call.leases = budgets.reserve(shared, request, LEDGER.snapshot(accounts[0]))
+            call.leases = budgets.reserve(shared, request, LEDGER.snapshot)
         except BaseException:
             LEDGER.release(call)
             raise
     return call
 
 
-def _budgets(accounts: tuple[Account, ...]) -> list[tuple[budgets.Budget, str | None]]:
+def _budgets(accounts: tuple[Account, ...]) -> list[tuple[budgets.Budget, Account]]:
     """Every budget listed by a covering RunGuard, once each, innermost first."""
     if len(accounts) == 1:
         only = accounts[0]
-        return [(b, only.name) for b in only.budgets]
-    found: list[tuple[budgets.Budget, str | None]] = []
+        return [(b, only) for b in only.budgets]
+    found: list[tuple[budgets.Budget, Account]] = []
     for account in accounts:
         for budget in account.budgets:
             if all(budget is not b for b, _ in found):
-                found.append((budget, account.name))
+                found.append((budget, account))
     return found

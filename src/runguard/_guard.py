@@ -217,10 +217,12 @@ class RunGuard:
         self.raise_on_exit = raise_on_exit
         if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Iterable):
             raise TypeError("budgets must be an iterable of runguard.Budget")
-        shared = tuple(budgets)
-        for budget in shared:
+        shared: tuple[Budget, ...] = ()
+        for budget in budgets:
             if not isinstance(budget, Budget):
                 raise TypeError(f"budgets must hold runguard.Budget, got {type(budget).__name__}")
+            if all(budget is not seen for seen in shared):  # listed twice: charged once
+                shared += (budget,)
         self._account = Account(
             name,
             built,

@@ -14,14 +14,17 @@ import math
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 from ._errors import BudgetExceeded, BudgetUnavailable
 from ._records import CallRequest, Trip, Usage
 from .alerts import Alert, OnAlert, check_on_alert, check_thresholds
 from .stores import Amounts, Limits, MemoryStore, Store
+
+if TYPE_CHECKING:
+    from ._ledger import Account
 
 Period = Literal["minute", "hour", "day", "week", "month"]
 Action = Literal["reject", "alert"]
@@ -76,8 +79,10 @@ class Budget:
         on_store_error: OnStoreError = "reject",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
-        if not isinstance(name, str) or not name or ":" in name:
-            raise TypeError(f"Budget name must be a non-empty str without ':', got {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"Budget name must be a str, got {type(name).__name__}")
+        if not name or ":" in name:
+            raise ValueError(f"Budget name must be non-empty and without ':', got {name!r}")
         self.name = name
         self.limits = Limits(
             _count("max_calls", max_calls),
@@ -173,10 +178,10 @@ class Budget:
                     found.append((f"{metric}@{threshold:g}", alert))
         return found
 
-    def store_failed(self, error: BaseException) -> None:
+    def store_failed(self, error: BaseException, consequence: str) -> None:
         warnings.warn(
             f"runguard: the store of budget {self.name!r} ({self.store.name}) failed "
-            f"({error!r}); on_store_error='allow', so the call is not counted there",
+            f"({error!r}); {consequence}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -235,18 +240,21 @@ class Lease(NamedTuple):
 
 
 def reserve(
-    budgets: Sequence[tuple[Budget, str | None]], request: CallRequest, usage: Usage
+    budgets: Sequence[tuple[Budget, Account]],
+    request: CallRequest,
+    usage_of: Callable[[Account], Usage],
 ) -> list[Lease]:
     """Hold the call's worst case in every budget, or hold nothing and raise.
 
-    ``budgets`` pairs each budget with the RunGuard that listed it; ``usage``
-    is what goes on the exception if one refuses.
+    ``budgets`` pairs each budget with the account of the RunGuard that
+    listed it; ``usage_of(account)`` is its usage, for the exception.
     """
     now = time.time()
     ask = Amounts(1, request.input_tokens, request.max_output_tokens, request.max_cost_usd or 0.0)
     leases: list[Lease] = []
     try:
-        for budget, run in budgets:
+        for budget, account in budgets:
+            run = account.name
             start, end = budget.window(now)
             lease = Lease(budget, budget.key(start), uuid.uuid4().hex, start, end, run)
             if budget.action == "alert":
@@ -264,11 +272,15 @@ def reserve(
                 )
             except Exception as error:
                 if budget.on_store_error == "allow":
-                    budget.store_failed(error)
+                    budget.store_failed(
+                        error, "on_store_error='allow': the call is sent, uncounted"
+                    )
                     continue
-                raise BudgetUnavailable(_unavailable(budget, run, error), usage) from error
+                trip = _unavailable(budget, run, error)
+                raise BudgetUnavailable(trip, usage_of(account)) from error
             if not admitted:
-                raise BudgetExceeded(_refused(budget, run, request, total, ask, end), usage)
+                trip = _refused(budget, run, request, total, ask, end)
+                raise BudgetExceeded(trip, usage_of(account))
             leases.append(lease)
     except BaseException:
         release(leases)
@@ -284,8 +296,8 @@ def release(leases: Sequence[Lease]) -> None:
                 lease.budget.store.settle(
                     lease.key, lease.lease_id, Amounts(), lease.end.timestamp()
                 )
-            except Exception as error:  # the lease lapses on its own
-                lease.budget.store_failed(error)
+            except Exception as error:
+                lease.budget.store_failed(error, "the unused hold lapses after lease_seconds")
 
 
 def settle(leases: Sequence[Lease], actual: Amounts) -> list[tuple[Alert, OnAlert]]:
@@ -301,7 +313,9 @@ def settle(leases: Sequence[Lease], actual: Amounts) -> list[tuple[Alert, OnAler
                 if budget.store.first(lease.key, marker, expire):
                     alerts.append((alert, budget.on_alert))
         except Exception as error:  # too late to refuse: the call has been made
-            budget.store_failed(error)
+            budget.store_failed(
+                error, "this call is not counted there; its hold lapses after lease_seconds"
+            )
     return alerts
 
 

@@ -9,29 +9,41 @@ model), never a list of calls, so its memory does not grow with the run.
 
 from __future__ import annotations
 
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._records import Usage
 
 NO_STEP = "(no step)"
 NO_ROLE = "(no role)"
 
-_current: ContextVar[tuple[str | None, str | None]] = ContextVar(
-    "runguard_step", default=(None, None)
-)
+
+class _Frame(NamedTuple):
+    path: str | None
+    role: str | None
+    outer: _Frame | None
+
+
+# A chain of frames per context, so one step object can be entered again,
+# nested, or by many tasks at once: leaving restores the frame it entered from.
+_current: ContextVar[_Frame | None] = ContextVar("runguard_step", default=None)
 
 
 def current_step() -> tuple[str | None, str | None]:
     """The (step path, role) that calls made now are attributed to."""
-    return _current.get()
+    frame = _current.get()
+    return (None, None) if frame is None else (frame.path, frame.role)
 
 
 class step:
-    """Attribute the LLM calls made inside to a step (and, optionally, a role)."""
+    """Attribute the LLM calls made inside to a step (and, optionally, a role).
 
-    __slots__ = ("_token", "name", "role")
+    The object holds no state of its own: it can be entered again, nested in
+    itself, or shared by concurrent tasks and threads.
+    """
+
+    __slots__ = ("name", "role")
 
     def __init__(self, name: str, role: str | None = None) -> None:
         if not isinstance(name, str) or not name:
@@ -40,12 +52,14 @@ class step:
             raise TypeError(f"role must be a non-empty str or None, got {role!r}")
         self.name = name
         self.role = role
-        self._token: Token[tuple[str | None, str | None]] | None = None
 
     def __enter__(self) -> step:
-        outer, outer_role = _current.get()
-        path = self.name if outer is None else f"{outer}/{self.name}"
-        self._token = _current.set((path, self.role or outer_role))
+        outer = _current.get()
+        if outer is None:
+            _current.set(_Frame(self.name, self.role, None))
+        else:
+            path = f"{outer.path}/{self.name}"
+            _current.set(_Frame(path, self.role or outer.role, outer))
         return self
 
     def __exit__(
@@ -54,9 +68,8 @@ class step:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._token is not None:
-            _current.reset(self._token)
-            self._token = None
+        frame = _current.get()
+        _current.set(None if frame is None else frame.outer)
 
     async def __aenter__(self) -> step:
         return self.__enter__()

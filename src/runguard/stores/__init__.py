@@ -12,11 +12,28 @@ it held returns to the budget at the next reservation on that key.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from .memory import MemoryStore
 
-__all__ = ["Amounts", "Limits", "MemoryStore", "Store"]
+if TYPE_CHECKING:
+    from .redis import RedisStore
+    from .sqlite import SQLiteStore
+
+__all__ = ["Amounts", "Limits", "MemoryStore", "RedisStore", "SQLiteStore", "Store"]
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use: ``import runguard`` must not load sqlite3 or redis
+    if name == "SQLiteStore":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore
+    if name == "RedisStore":
+        from .redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Amounts(NamedTuple):
