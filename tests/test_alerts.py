@@ -361,3 +361,11 @@ def test_good_alert_settings_are_accepted() -> None:
     RunGuard(max_calls=1, alert_at=1, on_alert="https://example.invalid/hook")
     RunGuard(max_calls=1, alert_at=(0.25, 0.5), on_alert=print)
     runguard.guarded(max_calls=1, alert_at=0.5)
+
+
+def test_alert_at_without_a_keyword_ceiling_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="alert_at"):
+        RunGuard(alert_at=0.5)
+    with pytest.raises(ValueError, match="alert_at"):
+        RunGuard(alert_at=0.5, max_consecutive_429s=3)  # not a ceiling with an amount
+    assert RunGuard(alert_at=0.5, max_calls=3).guards

@@ -223,12 +223,18 @@ class RunGuard:
                 raise TypeError(f"budgets must hold runguard.Budget, got {type(budget).__name__}")
             if all(budget is not seen for seen in shared):  # listed twice: charged once
                 shared += (budget,)
+        thresholds = check_thresholds(alert_at)
+        if thresholds and not any(isinstance(g, Ceiling) for g in built):
+            raise ValueError(
+                "alert_at warns before the keyword ceilings (max_calls, max_*_tokens, "
+                "max_cost_usd) and none is set; for budgets, give Budget(alert_at=...)"
+            )
         self._account = Account(
             name,
             built,
             normalize_prices(prices),
             shared,
-            check_thresholds(alert_at),
+            thresholds,
             check_on_alert(on_alert),
         )
         self._account.owner = self

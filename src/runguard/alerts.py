@@ -8,6 +8,7 @@ wait for the network: a failing callable or webhook is reported as a warning.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import queue
@@ -124,6 +125,9 @@ class _Webhooks:
         with self._idle:
             self._pending += 1
             if self._thread is None or not self._thread.is_alive():
+                if self._thread is None:
+                    # a short script must not exit with its alerts still queued
+                    atexit.register(self.drain, WEBHOOK_TIMEOUT + 1)
                 self._thread = threading.Thread(
                     target=self._run, name="runguard-webhooks", daemon=True
                 )
