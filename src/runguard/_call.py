@@ -7,7 +7,7 @@ module prices it, asks the ledger to admit it, and settles it exactly once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from . import budgets
 from ._errors import UnknownModelPrice
@@ -86,7 +86,7 @@ class Call(Reservation):
         #: tool calls a stream delivers in pieces: key -> [name, arguments so far]
         self.pending_tools: dict[object, list[str]] | None = None
         #: the shared budgets' holds on this call
-        self.leases: list[budgets.Lease] = []
+        self.leases: Sequence[budgets.Lease] = ()
 
     def observe(
         self,
@@ -135,7 +135,7 @@ class Call(Reservation):
         if self.leases:
             spent = Amounts(usage.calls, usage.input_tokens, usage.output_tokens, usage.cost_usd)
             alerts += budgets.settle(self.leases, spent)
-            self.leases = []
+            self.leases = ()
         for alert, on_alert in alerts:
             deliver((alert,), on_alert)
 
@@ -227,7 +227,7 @@ def _budgets(accounts: tuple[Account, ...]) -> list[tuple[budgets.Budget, Accoun
     """Every budget listed by a covering RunGuard, once each, innermost first."""
     if len(accounts) == 1:
         only = accounts[0]
-        return [(b, only) for b in only.budgets]
+        return [(b, only) for b in only.budgets] if only.budgets else []
     found: list[tuple[budgets.Budget, Account]] = []
     for account in accounts:
         for budget in account.budgets:

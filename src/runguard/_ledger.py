@@ -12,6 +12,7 @@ import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from itertools import count
+from operator import add
 from typing import TYPE_CHECKING, Any
 
 from ._errors import GuardTripped
@@ -94,8 +95,8 @@ class Account:
         self.on_alert = on_alert
         #: (ceiling name, fraction) pairs already warned about
         self.fired: set[tuple[str, float]] = set()
-        #: (step, role, model) -> [calls, input, output, cache read, cache write, $, seconds, ...]
-        self.rows: dict[tuple[str | None, str | None, str], list[float]] = {}
+        #: (step, role, model) -> that slice's totals, in Usage's field order
+        self.rows: dict[tuple[str | None, str | None, str], Sequence[float]] = {}
         self.guards = tuple(guards)
         self.prices = prices
         self.needs_price = any(getattr(g, "needs_price", False) for g in self.guards) or any(
@@ -262,11 +263,9 @@ class Ledger:
                 account.estimated_calls += usage.estimated_calls
                 account.unpriced_calls += usage.unpriced_calls
                 key = (request.step, request.role, result.model or request.model)
-                row = account.rows.get(key)
-                if row is None:
-                    row = account.rows[key] = [0] * len(usage)
-                for i, amount in enumerate(usage):
-                    row[i] += amount
+                rows = account.rows
+                row = rows.get(key)
+                rows[key] = usage if row is None else list(map(add, row, usage))
                 if account.alert_at:
                     alerts.extend((a, account.on_alert) for a in _crossed(account))
                 if account.trip is None:
