@@ -6,6 +6,8 @@ import contextvars
 import functools
 import inspect
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from time import monotonic
 from types import TracebackType
@@ -185,6 +187,8 @@ class RunGuard:
         name: str | None = None,
         scope: Scope = "context",
         raise_on_exit: bool = True,
+        mlflow: bool = True,
+        mlflow_run: str | None = None,
     ) -> None:
         built = _keyword_guards(
             {
@@ -212,6 +216,13 @@ class RunGuard:
             raise ValueError(f"scope must be 'context' or 'process', got {scope!r}")
         if not isinstance(raise_on_exit, bool):
             raise TypeError(f"raise_on_exit must be a bool, got {type(raise_on_exit).__name__}")
+        if not isinstance(mlflow, bool):
+            raise TypeError(f"mlflow must be a bool, got {type(mlflow).__name__}")
+        if mlflow_run is not None and (not isinstance(mlflow_run, str) or not mlflow_run):
+            raise TypeError(f"mlflow_run must be a run id (str), got {mlflow_run!r}")
+        self.mlflow = mlflow
+        #: the MLflow run the guard logs to at exit (given, or active when entered)
+        self.mlflow_run = mlflow_run
         self.name = name
         self.scope: Scope = scope
         self.raise_on_exit = raise_on_exit
@@ -300,6 +311,10 @@ class RunGuard:
         self._state = "active"
         self._account.serial = next_serial()
         self._account.entered_at = monotonic()
+        if self.mlflow and self.mlflow_run is None and "mlflow" in sys.modules:
+            from .integrations.mlflow import active_run_id
+
+            self.mlflow_run = active_run_id()
         if self.scope == "process":
             LEDGER.attach(self._account)
         else:
@@ -314,6 +329,8 @@ class RunGuard:
     ) -> bool:
         self._leave()
         trip = self._account.trip
+        if self.mlflow and self.mlflow_run is not None:
+            self._log_to_mlflow(self.mlflow_run, trip)
         if trip is None:
             return False
         if isinstance(exc, GuardTripped) and exc.trip is trip:
@@ -335,6 +352,18 @@ class RunGuard:
         tb: TracebackType | None,
     ) -> bool:
         return self.__exit__(exc_type, exc, tb)
+
+    def _log_to_mlflow(self, run_id: str, trip: Trip | None) -> None:
+        from .integrations.mlflow import log_exit
+
+        try:
+            log_exit(run_id, self.name, self.usage, trip, self.ledger.to_dict())
+        except Exception as exc:  # never let tracking break the agent
+            warnings.warn(
+                f"runguard: could not queue the MLflow write ({exc!r})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _leave(self) -> None:
         if self._state != "active":
