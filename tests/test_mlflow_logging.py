@@ -39,6 +39,7 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("runguard-tests")  # in this store, whatever was active before
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()
@@ -296,3 +297,39 @@ def test_mlflow_is_never_imported_when_the_user_did_not_import_it() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+# -- traces ------------------------------------------------------------------------------------
+
+
+def test_a_trip_inside_a_trace_marks_the_span_and_tags_the_trace(
+    tracking: str, client: Any
+) -> None:
+    mlflow.set_experiment("traces")
+    with RunGuard(max_calls=1, raise_on_exit=False) as guard, mlflow.start_span("agent") as span:
+        ask(client)
+        with pytest.raises(GuardTripped):
+            ask(client)
+        trace_id = span.trace_id
+    mlflow.flush_trace_async_logging()
+    found = mlflow.search_traces(
+        filter_string="tags.`runguard.tripped` = 'true'", return_type="list"
+    )
+    assert [t.info.trace_id for t in found] == [trace_id]
+    trace = mlflow.get_trace(trace_id)
+    assert trace.info.tags["runguard.trip_guard"] == "max_calls"
+    root = next(s for s in trace.data.spans if s.name == "agent")
+    assert root.attributes["runguard.trip_guard"] == "max_calls"
+    assert [e.name for e in root.events] == ["runguard.trip"]
+    assert guard.tripped
+
+
+def test_traces_without_a_trip_are_not_tagged(tracking: str, client: Any) -> None:
+    mlflow.set_experiment("quiet")
+    with RunGuard(max_calls=5), mlflow.start_span("agent"):
+        ask(client)
+    mlflow.flush_trace_async_logging()
+    assert mlflow.search_traces(return_type="list")
+    assert not mlflow.search_traces(
+        filter_string="tags.`runguard.tripped` = 'true'", return_type="list"
+    )

@@ -41,6 +41,42 @@ def active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
+def mark_trace(trip: Trip) -> None:
+    """On the active MLflow trace, if any: a trip event on the current span, and trace tags.
+
+    Tags make tripped traces searchable:
+    ``mlflow.search_traces(filter_string="tags.`runguard.tripped` = 'true'")``.
+    Never raises; it runs in the agent's thread but makes no network call
+    (traces are exported by MLflow in the background).
+    """
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return
+    attributes: dict[str, Any] = {
+        "runguard.trip_guard": trip.guard,
+        "runguard.trip_reason": trip.reason,
+        "runguard.trip_limit": float(trip.limit),
+        "runguard.trip_observed": float(trip.observed),
+        "runguard.run": trip.run or "",
+    }
+    try:
+        span = mlflow.get_current_active_span()
+        if span is None:
+            return
+        from mlflow import entities
+
+        event: Any = entities.SpanEvent  # typed as abstract in some MLflow versions
+        span.set_attributes(attributes)
+        span.add_event(event("runguard.trip", attributes=attributes))
+        mlflow.update_current_trace(
+            tags={"runguard.tripped": "true", "runguard.trip_guard": trip.guard}
+        )
+    except Exception as exc:  # tracing must never break the agent
+        warnings.warn(
+            f"runguard: could not mark the MLflow trace ({exc!r})", RuntimeWarning, stacklevel=2
+        )
+
+
 def _safe(name: str) -> str:
     # MLflow keys allow letters, digits, "_-./ " only
     return "".join(c if c.isalnum() or c in "-_. " else "_" for c in name)

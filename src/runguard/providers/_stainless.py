@@ -31,6 +31,7 @@ import contextlib
 import importlib
 import json
 import logging
+import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
@@ -204,7 +205,11 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         accounts = active_accounts()
         if not accounts:
             return wrapped(*args, **kwargs)
-        call = _begin(adapter, accounts, args, kwargs)
+        try:
+            call = _begin(adapter, accounts, args, kwargs)
+        except GuardTripped as refused:
+            _report_trip(refused)
+            raise
         if call is None:
             return wrapped(*args, **kwargs)
         if call.request.stream:
@@ -215,9 +220,11 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         started = perf_counter()
         try:
             result = wrapped(*args, **kwargs)
-        except BaseException:
+        except BaseException as failure:
             call.llm_seconds += perf_counter() - started
             call.finish(failed=True)
+            if isinstance(failure, GuardTripped):
+                _report_trip(failure)
             raise
         finally:
             _current.reset(token)
@@ -230,7 +237,11 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         accounts = active_accounts()
         if not accounts:
             return await wrapped(*args, **kwargs)
-        call = _begin(adapter, accounts, args, kwargs)
+        try:
+            call = _begin(adapter, accounts, args, kwargs)
+        except GuardTripped as refused:
+            _report_trip(refused)
+            raise
         if call is None:
             return await wrapped(*args, **kwargs)
         if call.request.stream:
@@ -241,9 +252,11 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         started = perf_counter()
         try:
             result = await wrapped(*args, **kwargs)
-        except BaseException:
+        except BaseException as failure:
             call.llm_seconds += perf_counter() - started
             call.finish(failed=True)
+            if isinstance(failure, GuardTripped):
+                _report_trip(failure)
             raise
         finally:
             _current.reset(token)
@@ -253,6 +266,14 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         return result
 
     return request, arequest
+
+
+def _report_trip(refused: GuardTripped) -> None:
+    """Mark the trip where the user's tracing can see it (MLflow, if the process uses it)."""
+    if "mlflow" in sys.modules:
+        from ..integrations.mlflow import mark_trace
+
+        mark_trace(refused.trip)
 
 
 def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..., Any]]:
