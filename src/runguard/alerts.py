@@ -8,16 +8,16 @@ wait for the network: a failing callable or webhook is reported as a warning.
 
 from __future__ import annotations
 
-import atexit
+import functools
 import json
 import logging
-import queue
-import threading
 import urllib.request
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeAlias
+
+from ._background import Background
 
 log = logging.getLogger("runguard")
 
@@ -100,7 +100,7 @@ def deliver(alerts: Sequence[Alert], on_alert: OnAlert) -> None:
         if on_alert is None:
             log.warning("%s", alert)
         elif isinstance(on_alert, str):
-            _webhooks.post(on_alert, alert)
+            _webhooks.submit(functools.partial(_post, on_alert, alert))
         else:
             try:
                 on_alert(alert)
@@ -112,58 +112,20 @@ def deliver(alerts: Sequence[Alert], on_alert: OnAlert) -> None:
                 )
 
 
-class _Webhooks:
-    """One daemon thread that POSTs alerts, so the agent never waits for the network."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[str, Alert]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._idle = threading.Condition()
-        self._pending = 0
-
-    def post(self, url: str, alert: Alert) -> None:
-        with self._idle:
-            self._pending += 1
-            if self._thread is None or not self._thread.is_alive():
-                if self._thread is None:
-                    # a short script must not exit with its alerts still queued
-                    atexit.register(self.drain, WEBHOOK_TIMEOUT + 1)
-                self._thread = threading.Thread(
-                    target=self._run, name="runguard-webhooks", daemon=True
-                )
-                self._thread.start()
-        self._queue.put((url, alert))
-
-    def _run(self) -> None:
-        while True:
-            url, alert = self._queue.get()
-            try:
-                self._send(url, alert)
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
-
-    @staticmethod
-    def _send(url: str, alert: Alert) -> None:
-        body = json.dumps(alert.to_dict()).encode()
-        request = urllib.request.Request(
-            url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+def _post(url: str, alert: Alert) -> None:
+    body = json.dumps(alert.to_dict()).encode()
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT) as answer:
+            answer.read()
+    except Exception as exc:
+        warnings.warn(
+            f"runguard: the alert webhook {url} failed ({exc!r}); the alert was: {alert}",
+            RuntimeWarning,
+            stacklevel=1,
         )
-        try:
-            with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT) as answer:
-                answer.read()
-        except Exception as exc:
-            warnings.warn(
-                f"runguard: the alert webhook {url} failed ({exc!r}); the alert was: {alert}",
-                RuntimeWarning,
-                stacklevel=1,
-            )
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every queued alert was sent or failed; True if none is left."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
 
-_webhooks = _Webhooks()
+_webhooks = Background("runguard-webhooks", exit_wait=WEBHOOK_TIMEOUT + 1)

@@ -15,14 +15,13 @@ as a run of one.
 
 from __future__ import annotations
 
-import atexit
-import queue
+import functools
 import sys
-import threading
 import time
 import warnings
 from typing import Any
 
+from .._background import Background
 from .._records import Trip, Usage
 
 #: seconds the interpreter waits at exit for writes still queued
@@ -125,50 +124,7 @@ def log_exit(
 ) -> None:
     """Queue the guard's exit write for ``run_id``; returns at once."""
     metrics, tags = summary(name, usage, trip)
-    _writer.put((run_id, metrics, tags, artifact_path(name), ledger))
-
-
-class _Writer:
-    """One daemon thread that makes the writes, so the agent never waits for MLflow."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._idle = threading.Condition()
-        self._pending = 0
-
-    def put(self, job: tuple[Any, ...]) -> None:
-        with self._idle:
-            self._pending += 1
-            if self._thread is None or not self._thread.is_alive():
-                if self._thread is None:
-                    atexit.register(self.drain, EXIT_WAIT)
-                self._thread = threading.Thread(
-                    target=self._run, name="runguard-mlflow", daemon=True
-                )
-                self._thread.start()
-        self._queue.put(job)
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                _write(*job)
-            except Exception as exc:  # a tracking failure must never reach the agent
-                warnings.warn(
-                    f"runguard: could not log to MLflow run {job[0]} ({exc!r}); "
-                    f"the guard's usage and trip are still on the RunGuard",
-                    RuntimeWarning,
-                    stacklevel=1,
-                )
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
-
-    def drain(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+    _writer.submit(functools.partial(_write, run_id, metrics, tags, artifact_path(name), ledger))
 
 
 def _write(
@@ -178,20 +134,28 @@ def _write(
     artifact: str,
     ledger: dict[str, Any],
 ) -> None:
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
+    try:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, RunTag
 
-    client = MlflowClient()
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-        tags=[RunTag(key, value) for key, value in tags.items()],
-    )
-    client.log_dict(run_id, ledger, artifact)
+        client = MlflowClient()
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+            tags=[RunTag(key, value) for key, value in tags.items()],
+        )
+        client.log_dict(run_id, ledger, artifact)
+    except Exception as exc:  # a tracking failure must never reach the agent
+        warnings.warn(
+            f"runguard: could not log to MLflow run {run_id} ({exc!r}); "
+            f"the guard's usage and trip are still on the RunGuard",
+            RuntimeWarning,
+            stacklevel=1,
+        )
 
 
-_writer = _Writer()
+_writer = Background("runguard-mlflow", exit_wait=EXIT_WAIT)
 
 
 def drain(timeout: float = EXIT_WAIT) -> bool:
