@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -15,6 +14,7 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, Self
 
+from ._checks import positive
 from ._errors import GuardTripped
 from ._ledger import LEDGER, Account, next_serial, raise_trip
 from ._records import Trip, Usage
@@ -50,31 +50,17 @@ _CEILINGS: dict[str, tuple[str, bool]] = {
 }
 
 
-def _positive(field: str, value: object, whole: bool) -> float:
-    """``value`` if it is a positive int (or, unless ``whole``, a finite number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "an int" if whole else "a number"
-        raise TypeError(f"{field} must be {kind}, got {type(value).__name__}")
-    if whole and not isinstance(value, int):
-        raise TypeError(f"{field} must be an int, got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{field} must be a finite number, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{field} must be greater than 0, got {value!r}")
-    return value
-
-
 def _keyword_guards(limits: Mapping[str, Any], loop_window: object) -> list[Guard]:
     """The guards the keyword arguments ask for, in a fixed order."""
     built: list[Guard] = [
-        Ceiling(field, _CEILINGS[field][0], _positive(field, value, _CEILINGS[field][1]))
+        Ceiling(field, _CEILINGS[field][0], positive(field, value, _CEILINGS[field][1]))
         for field, value in limits.items()
         if field in _CEILINGS and value is not None
     ]
 
     def given(field: str, whole: bool) -> Any:
         value = limits[field]
-        return None if value is None else _positive(field, value, whole)
+        return None if value is None else positive(field, value, whole)
 
     if (limit := given("max_input_tokens_per_call", True)) is not None:
         built.append(InputTokensPerCall(limit))
@@ -87,7 +73,7 @@ def _keyword_guards(limits: Mapping[str, Any], loop_window: object) -> list[Guar
     if (seconds := given("max_wall_seconds", False)) is not None:
         built.append(WallSeconds(seconds))
     window = (
-        DEFAULT_LOOP_WINDOW if loop_window is None else _positive("loop_window", loop_window, True)
+        DEFAULT_LOOP_WINDOW if loop_window is None else positive("loop_window", loop_window, True)
     )
     for field, kind in (
         ("max_repeated_tool_calls", RepeatedToolCalls),

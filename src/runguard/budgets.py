@@ -10,7 +10,6 @@ call, the lease is replaced by what the call really used.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 import warnings
@@ -18,6 +17,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
+from ._checks import positive
 from ._errors import BudgetExceeded, BudgetUnavailable
 from ._records import CallRequest, Trip, Usage
 from .alerts import Alert, OnAlert, check_on_alert, check_thresholds
@@ -84,12 +84,16 @@ class Budget:
         if not name or ":" in name:
             raise ValueError(f"Budget name must be non-empty and without ':', got {name!r}")
         self.name = name
-        self.limits = Limits(
-            _count("max_calls", max_calls),
-            _count("max_input_tokens", max_input_tokens),
-            _count("max_output_tokens", max_output_tokens),
-            _count("max_total_tokens", max_total_tokens),
-            _number("max_cost_usd", max_cost_usd),
+        given = {
+            "max_calls": max_calls,
+            "max_input_tokens": max_input_tokens,
+            "max_output_tokens": max_output_tokens,
+            "max_total_tokens": max_total_tokens,
+            "max_cost_usd": max_cost_usd,
+        }
+        self.limits = Limits._make(
+            None if value is None else positive(field, value, field != "max_cost_usd")
+            for field, value in given.items()
         )
         if all(limit is None for limit in self.limits):
             raise ValueError(f"Budget {name!r} needs at least one max_* ceiling")
@@ -107,9 +111,7 @@ class Budget:
         self.alert_at = check_thresholds(alert_at)
         self.on_alert = check_on_alert(on_alert)
         self.on_store_error: OnStoreError = on_store_error
-        lease = _number("lease_seconds", lease_seconds)
-        assert lease is not None
-        self.lease_seconds = lease
+        self.lease_seconds = positive("lease_seconds", lease_seconds, whole=False)
         self.needs_price = max_cost_usd is not None
 
     # -- windows -----------------------------------------------------------------
@@ -205,26 +207,6 @@ def _label(metric: str) -> str:
 
 def _fmt(metric: str, value: float) -> str:
     return f"${value:,.4f}" if metric == "cost_usd" else f"{int(value):,}"
-
-
-def _count(field: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{field} must be greater than 0, got {value!r}")
-    return value
-
-
-def _number(field: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number, got {type(value).__name__}")
-    if (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
-        raise ValueError(f"{field} must be a finite number greater than 0, got {value!r}")
-    return value
 
 
 class Lease(NamedTuple):
