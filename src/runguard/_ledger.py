@@ -239,20 +239,11 @@ class Ledger:
         """
         request = reservation.request
         usage = result.usage
-        cost = request.max_cost_usd or 0.0
         alerts: list[tuple[Alert, OnAlert]] = []
         with self._lock:
-            if not reservation.open:
+            if not _unreserve(reservation):
                 return alerts
-            reservation.open = False
             for account in reservation.accounts:
-                account.reserved_calls -= 1
-                account.reserved_input_tokens -= request.input_tokens
-                account.reserved_output_tokens -= request.max_output_tokens
-                account.reserved_cost_usd -= cost
-                if account.reserved_calls == 0:
-                    # float sums of +x then -x need not return to exactly 0
-                    account.reserved_cost_usd = 0.0
                 account.calls += usage.calls
                 account.input_tokens += usage.input_tokens
                 account.output_tokens += usage.output_tokens
@@ -278,19 +269,8 @@ class Ledger:
 
     def release(self, reservation: Reservation) -> None:
         """Drop a reservation without charging anything (a call that was never sent)."""
-        request = reservation.request
-        cost = request.max_cost_usd or 0.0
         with self._lock:
-            if not reservation.open:
-                return
-            reservation.open = False
-            for account in reservation.accounts:
-                account.reserved_calls -= 1
-                account.reserved_input_tokens -= request.input_tokens
-                account.reserved_output_tokens -= request.max_output_tokens
-                account.reserved_cost_usd -= cost
-                if account.reserved_calls == 0:
-                    account.reserved_cost_usd = 0.0
+            _unreserve(reservation)
 
     def breakdown(self, account: Account) -> Breakdown:
         with self._lock:
@@ -347,14 +327,34 @@ class Ledger:
             return account.trip
 
 
+def _unreserve(reservation: Reservation) -> bool:
+    """Take the reservation's worst case back out of its accounts (under the lock).
+
+    False if it was already taken out: a reservation is closed only once.
+    """
+    if not reservation.open:
+        return False
+    reservation.open = False
+    request = reservation.request
+    cost = request.max_cost_usd or 0.0
+    for account in reservation.accounts:
+        account.reserved_calls -= 1
+        account.reserved_input_tokens -= request.input_tokens
+        account.reserved_output_tokens -= request.max_output_tokens
+        account.reserved_cost_usd -= cost
+        if account.reserved_calls == 0:
+            # float sums of +x then -x need not return to exactly 0
+            account.reserved_cost_usd = 0.0
+    return True
+
+
 def _crossed(account: Account) -> list[Alert]:
     """Alerts for the keyword ceilings' thresholds this account has just reached."""
     found = []
     for guard in account.guards:
-        used = getattr(guard, "used", None)
-        if used is None or not isinstance(guard, Ceiling):
+        if not isinstance(guard, Ceiling):
             continue
-        value = used(account)
+        value = guard.used(account)
         for threshold in account.alert_at:
             if value >= threshold * guard.limit and (guard.name, threshold) not in account.fired:
                 account.fired.add((guard.name, threshold))
