@@ -17,6 +17,16 @@ def body_of(options: Any) -> dict[str, Any] | None:
     return body
 
 
+def billable(options: Any, endpoints: Mapping[str, str]) -> tuple[str, dict[str, Any]] | None:
+    """(endpoint, body) of a POST to one of ``endpoints`` (path -> endpoint), else None."""
+    path = path_of(options)
+    endpoint = endpoints.get(path) if path is not None else None
+    if endpoint is None:
+        return None
+    body = body_of(options)
+    return None if body is None else (endpoint, body)
+
+
 def int_field(body: dict[str, Any], *names: str) -> int | None:
     """The first of ``names`` that holds a real int (not a bool, not a sentinel)."""
     for name in names:

@@ -7,7 +7,7 @@ from typing import Any
 from .._call import Call
 from .._records import ToolCall
 from ..tokens import count_content, count_messages, counter_for
-from ._body import as_int, body_of, fingerprint, int_field, path_of, str_field
+from ._body import as_int, billable, fingerprint, int_field, str_field
 from ._stainless import Plan
 
 name = "anthropic"
@@ -23,13 +23,10 @@ def response_of(sent: Any) -> Any:
 def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     # Bedrock and Vertex rewrite the URL and move the model later, inside the
     # retry loop; at request() the logical path and the model are still here.
-    path = path_of(options)
-    endpoint = _ENDPOINTS.get(path) if path is not None else None
-    if endpoint is None:
+    found = billable(options, _ENDPOINTS)
+    if found is None:
         return None
-    body = body_of(options)
-    if body is None:
-        return None
+    endpoint, body = found
     model = str_field(body, "model")
     count = counter_for(name, model)
     if endpoint == "messages":

@@ -8,7 +8,7 @@ from typing import Any
 from .._call import Call
 from .._records import ToolCall
 from ..tokens import count_content, count_messages, counter_for
-from ._body import as_int, body_of, fingerprint, int_field, path_of, str_field
+from ._body import as_int, billable, body_of, fingerprint, int_field, str_field
 from ._stainless import Plan
 
 name = "openai"
@@ -33,13 +33,10 @@ def response_of(sent: Any) -> Any:
 
 
 def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
-    path = path_of(options)
-    endpoint = _ENDPOINTS.get(path) if path is not None else None
-    if endpoint is None:
+    found = billable(options, _ENDPOINTS)
+    if found is None:
         return None
-    body = body_of(options)
-    if body is None:
-        return None
+    endpoint, body = found
     model = str_field(body, "model")
     count = counter_for(name, model)
     stream = body.get("stream") is True
@@ -133,22 +130,17 @@ def read_usage(data: Any, call: Call) -> None:
             model = response.get("model")
     if not isinstance(usage, dict):
         return
-    if "prompt_tokens" in usage:  # chat completions, legacy completions, embeddings
-        details = usage.get("prompt_tokens_details")
-        call.observe(
-            model,
-            as_int(usage.get("prompt_tokens")),
-            as_int(usage.get("completion_tokens")),
-            as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
-        )
-    else:  # responses
-        details = usage.get("input_tokens_details")
-        call.observe(
-            model,
-            as_int(usage.get("input_tokens")),
-            as_int(usage.get("output_tokens")),
-            as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
-        )
+    # chat completions, legacy completions and embeddings name them prompt/completion;
+    # the Responses API, input/output
+    side = "prompt" if "prompt_tokens" in usage else "input"
+    out = "completion" if side == "prompt" else "output"
+    details = usage.get(f"{side}_tokens_details")
+    call.observe(
+        model,
+        as_int(usage.get(f"{side}_tokens")),
+        as_int(usage.get(f"{out}_tokens")),
+        as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+    )
 
 
 def _read_tool_calls(data: dict[str, Any], call: Call) -> None:
