@@ -137,7 +137,7 @@ class Call(Reservation):
             alerts += budgets.settle(self.leases, spent)
             self.leases = ()
         for alert, on_alert in alerts:
-            deliver((alert,), on_alert)
+            deliver(alert, on_alert)
 
     def _usage(self, failed: bool) -> Usage:
         request = self.request

@@ -94,22 +94,21 @@ def drain_webhooks(timeout: float = WEBHOOK_TIMEOUT + 1) -> bool:
     return _webhooks.drain(timeout)
 
 
-def deliver(alerts: Sequence[Alert], on_alert: OnAlert) -> None:
-    """Hand alerts to their destination; never raises."""
-    for alert in alerts:
-        if on_alert is None:
-            log.warning("%s", alert)
-        elif isinstance(on_alert, str):
-            _webhooks.submit(functools.partial(_post, on_alert, alert))
-        else:
-            try:
-                on_alert(alert)
-            except Exception as exc:  # the agent must not fail because a handler did
-                warnings.warn(
-                    f"runguard: on_alert raised {exc!r}; the alert was: {alert}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+def deliver(alert: Alert, on_alert: OnAlert) -> None:
+    """Hand an alert to its destination; never raises."""
+    if on_alert is None:
+        log.warning("%s", alert)
+    elif isinstance(on_alert, str):
+        _webhooks.submit(functools.partial(_post, on_alert, alert))
+    else:
+        try:
+            on_alert(alert)
+        except Exception as exc:  # the agent must not fail because a handler did
+            warnings.warn(
+                f"runguard: on_alert raised {exc!r}; the alert was: {alert}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def _post(url: str, alert: Alert) -> None:
