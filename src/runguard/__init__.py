@@ -7,6 +7,7 @@ the call with a typed exception, and nothing leaves the process.
 """
 
 from ._errors import (
+    ArtifactBudgetExceeded,
     BudgetExceeded,
     BudgetUnavailable,
     ContextOverflow,
@@ -21,7 +22,7 @@ from ._errors import (
 )
 from ._guard import RunGuard, current_guard, guarded, propagate
 from ._ledger import Account
-from ._records import Attempt, CallRequest, CallResult, ToolCall, Trip, Usage
+from ._records import ArtifactWrite, Attempt, CallRequest, CallResult, ToolCall, Trip, Usage
 from .alerts import Alert
 from .budgets import Budget
 from .pricing import Price
@@ -31,6 +32,8 @@ from .steps import Breakdown, step
 __all__ = [
     "Account",
     "Alert",
+    "ArtifactBudgetExceeded",
+    "ArtifactWrite",
     "Breakdown",
     "Budget",
     "BudgetUnavailable",

@@ -56,6 +56,14 @@ class UpstreamBudgetExceeded(BudgetExceeded):
     """
 
 
+class ArtifactBudgetExceeded(BudgetExceeded):
+    """An artifact write would have crossed ``max_artifact_writes`` or ``max_artifact_bytes``.
+
+    Raised from the write (``mlflow.log_text``, ``MlflowClient.log_artifact``
+    ...): nothing was uploaded.
+    """
+
+
 class BudgetUnavailable(GuardTripped):
     """A shared budget's store could not be reached, so the call was not sent.
 

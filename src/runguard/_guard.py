@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import importlib.util
 import inspect
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from time import monotonic
 from types import TracebackType
-from typing import Any, Literal, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, Self
 
@@ -22,6 +23,7 @@ from ._scope import active_accounts, context_accounts
 from .alerts import OnAlert, check_on_alert, check_thresholds
 from .budgets import Budget
 from .guards import (
+    ArtifactCeiling,
     Ceiling,
     Guard,
     IdenticalRequests,
@@ -34,6 +36,12 @@ from .guards import (
 from .guards.loops import DEFAULT_LOOP_WINDOW
 from .pricing import Price, normalize_prices
 from .steps import Breakdown, step
+
+if TYPE_CHECKING:
+    from .integrations.mlflow import StartedRun
+
+#: seconds ``RunGuard.mlflow_run`` waits for a run RunGuard is starting
+EXIT_WAIT = 5.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,6 +80,10 @@ def _keyword_guards(limits: Mapping[str, Any], loop_window: object) -> list[Guar
         built.append(LlmSeconds(seconds))
     if (seconds := given("max_wall_seconds", False)) is not None:
         built.append(WallSeconds(seconds))
+    if (limit := given("max_artifact_writes", True)) is not None:
+        built.append(ArtifactCeiling("artifact_writes", int(limit)))
+    if (limit := given("max_artifact_bytes", True)) is not None:
+        built.append(ArtifactCeiling("artifact_bytes", int(limit)))
     window = (
         DEFAULT_LOOP_WINDOW if loop_window is None else positive("loop_window", loop_window, True)
     )
@@ -147,6 +159,18 @@ class RunGuard:
         raise_on_exit: when the guard tripped, leaving the ``with`` block
             raises the trip even if the agent swallowed the exception. Pass
             False to end the block quietly and read :attr:`trip`.
+        max_artifact_writes: artifact files MLflow may write on the agent's
+            behalf inside the guard (``log_artifact``, ``log_text``,
+            ``log_image`` ... and the ``MlflowClient`` methods); the write
+            that would cross it raises :class:`ArtifactBudgetExceeded`.
+        max_artifact_bytes: the same, in bytes written.
+        consolidate_artifacts: hold small ``log_text`` / ``log_dict``
+            artifacts (up to 256 KiB each) and write them as one JSON
+            artifact when the guard exits, tripped or not.
+        mlflow: False turns the MLflow integration off.
+        mlflow_run: the MLflow run to log to at exit: a run id, or
+            ``"start"`` to create one (named after the guard, ended at exit).
+            By default, the run active when the guard is entered, if any.
     """
 
     def __init__(
@@ -165,6 +189,9 @@ class RunGuard:
         max_repeated_tool_calls: int | None = None,
         max_identical_requests: int | None = None,
         loop_window: int | None = None,
+        max_artifact_writes: int | None = None,
+        max_artifact_bytes: int | None = None,
+        consolidate_artifacts: bool = False,
         guards: Iterable[Guard] = (),
         budgets: Iterable[Budget] = (),
         alert_at: float | Sequence[float] | None = None,
@@ -174,7 +201,7 @@ class RunGuard:
         scope: Scope = "context",
         raise_on_exit: bool = True,
         mlflow: bool = True,
-        mlflow_run: str | None = None,
+        mlflow_run: str | Literal["start"] | None = None,
     ) -> None:
         built = _keyword_guards(
             {
@@ -190,6 +217,8 @@ class RunGuard:
                 "max_wall_seconds": max_wall_seconds,
                 "max_repeated_tool_calls": max_repeated_tool_calls,
                 "max_identical_requests": max_identical_requests,
+                "max_artifact_writes": max_artifact_writes,
+                "max_artifact_bytes": max_artifact_bytes,
             },
             loop_window,
         )
@@ -205,10 +234,31 @@ class RunGuard:
         if not isinstance(mlflow, bool):
             raise TypeError(f"mlflow must be a bool, got {type(mlflow).__name__}")
         if mlflow_run is not None and (not isinstance(mlflow_run, str) or not mlflow_run):
-            raise TypeError(f"mlflow_run must be a run id (str), got {mlflow_run!r}")
+            raise TypeError(f"mlflow_run must be a run id (str) or 'start', got {mlflow_run!r}")
+        if not isinstance(consolidate_artifacts, bool):
+            raise TypeError(
+                f"consolidate_artifacts must be a bool, got {type(consolidate_artifacts).__name__}"
+            )
+        artifact_options = [
+            field
+            for field, value in (
+                ("max_artifact_writes", max_artifact_writes),
+                ("max_artifact_bytes", max_artifact_bytes),
+                ("consolidate_artifacts", consolidate_artifacts),
+            )
+            if value not in (None, False)
+        ]
+        if artifact_options and not mlflow:
+            raise ValueError(
+                f"{artifact_options[0]} acts on MLflow's artifact writes, but mlflow=False "
+                f"turns the MLflow integration off"
+            )
+        if mlflow_run == "start" and importlib.util.find_spec("mlflow") is None:
+            raise ValueError(
+                "mlflow_run='start' needs MLflow installed: pip install 'agent-runguard[mlflow]'"
+            )
         self.mlflow = mlflow
-        #: the MLflow run the guard logs to at exit (given, or active when entered)
-        self.mlflow_run = mlflow_run
+        self._mlflow_run: str | StartedRun | None = mlflow_run
         self.name = name
         self.scope: Scope = scope
         self.raise_on_exit = raise_on_exit
@@ -235,10 +285,27 @@ class RunGuard:
             check_on_alert(on_alert),
         )
         self._account.owner = self
+        self._account.consolidates = consolidate_artifacts
         self._token: contextvars.Token[tuple[Account, ...]] | None = None
         self._state: Literal["new", "active", "done"] = "new"
 
     # -- what the guard has seen -------------------------------------------------
+
+    @property
+    def mlflow_run(self) -> str | None:
+        """The id of the MLflow run the guard logs to at exit, if any.
+
+        The run given as ``mlflow_run``, or the one active when the guard was
+        entered. With ``mlflow_run="start"``, the run RunGuard created (read
+        this after the guard exited; it is created off the agent's path).
+        """
+        run = self._mlflow_run
+        if isinstance(run, str):
+            return None if run == "start" else run
+        if run is None:
+            return None
+        run.created.wait(EXIT_WAIT)
+        return run.id
 
     @property
     def guards(self) -> tuple[Guard, ...]:
@@ -297,10 +364,8 @@ class RunGuard:
         self._state = "active"
         self._account.serial = next_serial()
         self._account.entered_at = monotonic()
-        if self.mlflow and self.mlflow_run is None and "mlflow" in sys.modules:
-            from .integrations.mlflow import active_run_id
-
-            self.mlflow_run = active_run_id()
+        if self.mlflow:
+            self._enter_mlflow()
         if self.scope == "process":
             LEDGER.attach(self._account)
         else:
@@ -315,8 +380,8 @@ class RunGuard:
     ) -> bool:
         self._leave()
         trip = self._account.trip
-        if self.mlflow and self.mlflow_run is not None:
-            self._log_to_mlflow(self.mlflow_run, trip)
+        if self.mlflow:
+            self._exit_mlflow(trip)
         if trip is None:
             return False
         if isinstance(exc, GuardTripped) and exc.trip is trip:
@@ -339,17 +404,70 @@ class RunGuard:
     ) -> bool:
         return self.__exit__(exc_type, exc, tb)
 
-    def _log_to_mlflow(self, run_id: str, trip: Trip | None) -> None:
-        from .integrations.mlflow import log_exit
+    def _enter_mlflow(self) -> None:
+        from .integrations.mlflow_artifacts import watch
 
+        watch()  # artifact writes are counted from now on, whenever mlflow is imported
+        if self._mlflow_run == "start":
+            from .integrations.mlflow import start_run
+
+            self._mlflow_run = start_run(self.name)
+        elif self._mlflow_run is None and "mlflow" in sys.modules:
+            from .integrations.mlflow import active_run_id
+
+            self._mlflow_run = active_run_id()
+
+    def _exit_mlflow(self, trip: Trip | None) -> None:
+        """Queue the exit write and the held artifacts; never raises, never waits."""
+        run = self._mlflow_run
+        held = self._account.artifacts
         try:
-            log_exit(run_id, self.name, self.usage, trip, self.ledger.to_dict())
+            from .integrations.mlflow import log_exit, log_held
+
+            if run is not None:
+                log_exit(run, self.name, self.usage, trip, self.ledger.to_dict())
+            by_run: dict[object, list[dict[str, Any]]] = {}
+            for target, entry in held:
+                by_run.setdefault(run if target is None else target, []).append(entry)
+            for target, entries in by_run.items():
+                if target is None:
+                    warnings.warn(
+                        f"runguard: {len(entries)} held artifacts have no MLflow run to go "
+                        f"to (no run was active when the guard was entered); they are in "
+                        f"RunGuard.artifacts",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                else:
+                    log_held(cast("str | StartedRun", target), self.name, entries)
         except Exception as exc:  # never let tracking break the agent
             warnings.warn(
                 f"runguard: could not queue the MLflow write ({exc!r})",
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    @property
+    def artifacts(self) -> tuple[dict[str, Any], ...]:
+        """The entries held for the consolidated artifact, in order (``consolidate_artifacts``)."""
+        return tuple(entry for _run, entry in self._account.artifacts)
+
+    def log_tool_output(self, step: str | int, tool: str, output: Any) -> None:
+        """Hold a tool's output for the guard's consolidated artifact, instead of one upload each.
+
+        Written at exit, with everything else held, as one JSON artifact
+        (``runguard/artifacts.json``, or ``runguard/<name>/artifacts.json``)
+        on the guard's MLflow run, in call order with ``step`` and ``tool``.
+        ``output`` is a string or anything JSON can hold (others are written
+        with ``str``).
+        """
+        if self._state == "done":
+            raise RuntimeError("the RunGuard has exited; log tool outputs inside its block")
+        if not isinstance(tool, str):
+            raise TypeError(f"tool must be a str, got {type(tool).__name__}")
+        from .integrations.mlflow_artifacts import hold
+
+        hold(self._account, None, "tool_output", output, step=step, tool=tool)
 
     def _leave(self) -> None:
         if self._state != "active":

@@ -16,7 +16,7 @@ from operator import add
 from typing import TYPE_CHECKING, Any
 
 from ._errors import GuardTripped
-from ._records import Attempt, CallRequest, CallResult, Trip, Usage
+from ._records import ArtifactWrite, Attempt, CallRequest, CallResult, Trip, Usage
 from .alerts import Alert, OnAlert
 from .guards.ceiling import Ceiling
 from .steps import Breakdown
@@ -45,6 +45,10 @@ class Account:
     __slots__ = (
         "admitted_guards",
         "alert_at",
+        "artifact_bytes",
+        "artifact_guards",
+        "artifact_writes",
+        "artifacts",
         "attempt_guards",
         "attempts_stopped",
         "budgets",
@@ -52,6 +56,7 @@ class Account:
         "cache_write_tokens",
         "calls",
         "consecutive_rate_limited",
+        "consolidates",
         "cost_usd",
         "entered_at",
         "estimated_calls",
@@ -113,6 +118,15 @@ class Account:
         self.admitted_guards: tuple[Any, ...] = tuple(
             g for g in self.guards if callable(getattr(g, "admitted", None))
         )
+        #: artifacts held for one consolidated write at exit: (run, entry) pairs
+        #: in call order; small ``log_text``/``log_dict`` calls join them when
+        #: ``consolidates``, tool outputs always do
+        self.artifacts: list[tuple[object, dict[str, Any]]] = []
+        self.consolidates = False
+        #: the guards that judge artifact writes (``admit_artifact`` is optional)
+        self.artifact_guards: tuple[Any, ...] = tuple(
+            g for g in self.guards if callable(getattr(g, "admit_artifact", None))
+        )
         #: per-guard memory (loop windows), keyed by the guard object, so one
         #: guard object can serve many RunGuards (``@guarded``) independently
         self.state: dict[object, Any] = {}
@@ -136,6 +150,8 @@ class Account:
         self.unpriced_calls = 0
         self.rate_limited_attempts = 0
         self.consecutive_rate_limited = 0
+        self.artifact_writes = 0
+        self.artifact_bytes = 0
         self.reserved_calls = 0
         self.reserved_input_tokens = 0
         self.reserved_output_tokens = 0
@@ -161,6 +177,8 @@ class Account:
             estimated_calls=self.estimated_calls,
             unpriced_calls=self.unpriced_calls,
             rate_limited_attempts=self.rate_limited_attempts,
+            artifact_writes=self.artifact_writes,
+            artifact_bytes=self.artifact_bytes,
         )
 
 
@@ -318,6 +336,32 @@ class Ledger:
         for account in reservation.accounts:
             if account.attempts_stopped:
                 raise_trip(account, self)
+
+    def write_artifact(self, accounts: tuple[Account, ...], write: ArtifactWrite) -> None:
+        """Count an artifact write in every account, or raise and count nothing.
+
+        Only artifact guards judge a write: a RunGuard latched by an LLM
+        ceiling still lets the agent save its work.
+        """
+        with self._lock:
+            for account in accounts:
+                for guard in account.artifact_guards:
+                    trip = guard.admit_artifact(write, account)
+                    if trip is not None:
+                        trip = _own(trip, account)
+                        if account.trip is None:
+                            account.trip = trip
+                        usage = account.usage()
+                        break
+                else:
+                    continue
+                break
+            else:
+                for account in accounts:
+                    account.artifact_writes += write.files
+                    account.artifact_bytes += write.size
+                return
+        raise _exception(trip, usage)
 
     def latch(self, account: Account, trip: Trip) -> Trip:
         """Trip ``account`` unless it already tripped; returns the trip in force."""

@@ -74,10 +74,25 @@ class Usage(NamedTuple):
     unpriced_calls: int = 0
     #: HTTP attempts answered 429 (too many requests), the SDKs' own retries included
     rate_limited_attempts: int = 0
+    #: artifact files written to a tracking store on the agent's behalf, and their size
+    artifact_writes: int = 0
+    artifact_bytes: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+class ArtifactWrite(NamedTuple):
+    """Files about to be written to an artifact store (an MLflow run's artifacts).
+
+    ``files`` is how many files the write uploads, ``size`` their bytes
+    (for an image not yet encoded, its raw size: an upper bound).
+    """
+
+    files: int
+    size: int
+    path: str
 
 
 class Attempt(NamedTuple):

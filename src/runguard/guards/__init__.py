@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from .artifacts import ArtifactCeiling
 from .ceiling import Ceiling
 from .context import InputTokensPerCall
 from .latency import LlmSeconds, WallSeconds
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .._records import CallRequest, CallResult, Trip
 
 __all__ = [
+    "ArtifactCeiling",
     "Ceiling",
     "Guard",
     "IdenticalRequests",
@@ -58,6 +60,8 @@ class Guard(Protocol):
     attempt of any call covered by the RunGuard is sent. And ``admitted(request, account)``,
     called once every RunGuard covering the call has admitted it (``admit``
     returning None does not mean the call goes: an outer guard may refuse).
+    And ``admit_artifact(write, account)``, called before each artifact write
+    with an :class:`~runguard.ArtifactWrite`: a Trip refuses the write.
     """
 
     name: str

@@ -3,8 +3,12 @@
 Only when the user's process has imported ``mlflow`` (RunGuard never imports
 it otherwise): the run active when the guard was entered — captured then,
 because MLflow's active run belongs to the thread that started it — or the
-run id given as ``mlflow_run``. RunGuard never starts a run and never uses
-MLflow's fluent ``log_*`` functions (they start runs).
+run id given as ``mlflow_run``. RunGuard starts a run only when asked
+(``mlflow_run="start"``), and never uses MLflow's fluent ``log_*``
+functions (they start runs implicitly).
+
+Installs without a tracking client (``mlflow-tracing``) get trace marking
+only; what exists is detected, never assumed from a version.
 
 At exit, one batched write (tags and metrics) and one JSON artifact (the
 spend by step, role and model) are made by a background thread, so a slow or
@@ -16,13 +20,16 @@ as a run of one.
 from __future__ import annotations
 
 import functools
+import json
 import sys
+import threading
 import time
 import warnings
 from typing import Any
 
 from .._background import Background
 from .._records import Trip, Usage
+from .mlflow_artifacts import internal
 
 #: seconds the interpreter waits at exit for writes still queued
 EXIT_WAIT = 5.0
@@ -30,11 +37,11 @@ EXIT_WAIT = 5.0
 
 def active_run_id() -> str | None:
     """The MLflow run active in this thread, if the user has imported mlflow."""
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None:
+    active_run = getattr(sys.modules.get("mlflow"), "active_run", None)
+    if active_run is None:
         return None
     try:
-        run = mlflow.active_run()
+        run = active_run()
     except Exception:
         return None
     return run.info.run_id if run is not None else None
@@ -58,18 +65,20 @@ def mark_trace(trip: Trip) -> None:
         "runguard.trip_observed": float(trip.observed),
         "runguard.run": trip.run or "",
     }
+    current_span = getattr(mlflow, "get_current_active_span", None)
+    if current_span is None:
+        return  # an install without tracing
     try:
-        span = mlflow.get_current_active_span()
+        span = current_span()
         if span is None:
             return
-        from mlflow import entities
-
-        event: Any = entities.SpanEvent  # typed as abstract in some MLflow versions
         span.set_attributes(attributes)
-        span.add_event(event("runguard.trip", attributes=attributes))
-        mlflow.update_current_trace(
-            tags={"runguard.tripped": "true", "runguard.trip_guard": trip.guard}
-        )
+        event = getattr(getattr(mlflow, "entities", None), "SpanEvent", None)
+        if event is not None:
+            span.add_event(event("runguard.trip", attributes=attributes))
+        update_trace = getattr(mlflow, "update_current_trace", None)
+        if update_trace is not None:
+            update_trace(tags={"runguard.tripped": "true", "runguard.trip_guard": trip.guard})
     except Exception as exc:  # tracing must never break the agent
         warnings.warn(
             f"runguard: could not mark the MLflow trace ({exc!r})", RuntimeWarning, stacklevel=2
@@ -107,6 +116,8 @@ def summary(
         f"{key}llm_seconds": usage.llm_seconds,
         f"{key}rate_limited_attempts": usage.rate_limited_attempts,
         f"{key}estimated_calls": usage.estimated_calls,
+        f"{key}artifact_writes": usage.artifact_writes,
+        f"{key}artifact_bytes": usage.artifact_bytes,
     }
     tags = {f"{key}tripped": "true" if trip is not None else "false"}
     if trip is not None:
@@ -115,44 +126,141 @@ def summary(
     return metrics, tags
 
 
+class StartedRun:
+    """The run RunGuard creates for ``mlflow_run="start"``, off the agent's path.
+
+    ``id`` is None until the background writer has created it (and stays
+    None if that failed, which was reported as a warning).
+    """
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.id: str | None = None
+        self.created = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<StartedRun {self.id or 'pending'}>"
+
+
+#: a run id, or a run RunGuard is starting
+Target = str | StartedRun
+
+
+def start_run(name: str | None) -> StartedRun:
+    """Queue the creation of a run in the current experiment; returns at once.
+
+    Creating it in the background keeps a slow tracking server (and the
+    import of mlflow, if the user had not imported it) off the agent's path.
+    """
+    run = StartedRun(name)
+    _writer.submit(functools.partial(_create, run))
+    return run
+
+
+def _create(run: StartedRun) -> None:
+    try:
+        import mlflow
+        from mlflow import MlflowClient
+
+        # the experiment the user set (mlflow.set_experiment), else the default one
+        experiment = mlflow.tracking.fluent._get_experiment_id() or "0"
+        created = MlflowClient().create_run(
+            experiment, run_name=run.name, tags={"runguard.started": "true"}
+        )
+        run.id = created.info.run_id
+    except Exception as exc:
+        _warn(f"could not start an MLflow run ({exc!r}); the guard's usage stays on the RunGuard")
+    finally:
+        run.created.set()
+
+
 def log_exit(
-    run_id: str,
+    target: Target,
     name: str | None,
     usage: Usage,
     trip: Trip | None,
     ledger: dict[str, Any],
 ) -> None:
-    """Queue the guard's exit write for ``run_id``; returns at once."""
+    """Queue the guard's exit write for its run; returns at once."""
     metrics, tags = summary(name, usage, trip)
-    _writer.submit(functools.partial(_write, run_id, metrics, tags, artifact_path(name), ledger))
+    _writer.submit(
+        functools.partial(_write, target, metrics, tags, artifact_path(name), ledger, trip)
+    )
+
+
+def log_held(target: Target, name: str | None, entries: list[dict[str, Any]]) -> None:
+    """Queue one JSON artifact holding ``entries`` (in order) for the run; returns at once."""
+    path = f"runguard/{_safe(name)}/artifacts.json" if name else "runguard/artifacts.json"
+    payload = {"guard": name, "entries": entries}
+    _writer.submit(functools.partial(_write_held, target, path, payload))
+
+
+def _write_held(target: Target, path: str, payload: dict[str, Any]) -> None:
+    run_id = target.id if isinstance(target, StartedRun) else target
+    if run_id is None:
+        return
+    try:
+        with internal():
+            sys.modules["mlflow"].MlflowClient().log_text(
+                run_id, json.dumps(payload, indent=1, default=str), path
+            )
+    except Exception as exc:
+        _warn(
+            f"could not write {len(payload['entries'])} held artifacts to MLflow run "
+            f"{run_id} ({exc!r}); they are still in RunGuard.artifacts"
+        )
 
 
 def _write(
-    run_id: str,
+    target: Target,
     metrics: dict[str, float],
     tags: dict[str, str],
     artifact: str,
     ledger: dict[str, Any],
+    trip: Trip | None,
 ) -> None:
+    run_id = target.id if isinstance(target, StartedRun) else target
+    if run_id is None:
+        return  # the run could not be started; that was reported
     try:
-        from mlflow import MlflowClient
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is None or not hasattr(mlflow, "MlflowClient"):
+            _warn_once(
+                "this MLflow install has no tracking client (mlflow-tracing); "
+                "RunGuard marks traces but cannot log to runs"
+            )
+            return
         from mlflow.entities import Metric, RunTag
 
-        client = MlflowClient()
+        client = mlflow.MlflowClient()
         now = int(time.time() * 1000)
         client.log_batch(
             run_id,
             metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
             tags=[RunTag(key, value) for key, value in tags.items()],
         )
-        client.log_dict(run_id, ledger, artifact)
+        with internal():
+            client.log_dict(run_id, ledger, artifact)
+        if isinstance(target, StartedRun):
+            client.set_terminated(run_id, "FINISHED" if trip is None else "FAILED")
     except Exception as exc:  # a tracking failure must never reach the agent
-        warnings.warn(
-            f"runguard: could not log to MLflow run {run_id} ({exc!r}); "
-            f"the guard's usage and trip are still on the RunGuard",
-            RuntimeWarning,
-            stacklevel=1,
+        _warn(
+            f"could not log to MLflow run {run_id} ({exc!r}); "
+            f"the guard's usage and trip are still on the RunGuard"
         )
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"runguard: {message}", RuntimeWarning, stacklevel=1)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        _warn(message)
 
 
 _writer = Background("runguard-mlflow", exit_wait=EXIT_WAIT)
