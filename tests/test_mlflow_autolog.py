@@ -3,7 +3,10 @@
 MLflow's autolog wraps the SDKs' resource methods (``Completions.create``,
 ``Messages.create``) and removes and re-applies its wrappers when run again;
 RunGuard's hooks sit lower, on the SDKs' base clients, so neither disturbs the
-other. Ground truth: requests on the fake wire, and the traces autolog wrote.
+other. ``mlflow.genai.evaluate`` enables autolog for its own run and reverts
+it after, and runs rows in thread pools: a process-scoped guard around it sees
+every call its rows made. Ground truth: requests on the fake wire, the traces
+autolog wrote, and the scores the evaluation computed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import mlflow
 import pytest
+from mlflow.genai.scorers import scorer
 
 from runguard import BudgetExceeded, RunGuard, instrument
 from runguard.testing import FakeProvider, Reply
@@ -29,7 +33,7 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     mlflow.openai.autolog(disable=True)
     mlflow.anthropic.autolog(disable=True)
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default
 
 
 def ask_openai(client: Any) -> None:
@@ -84,3 +88,51 @@ def test_guard_survives_autolog_being_run_again() -> None:
     mlflow.openai.autolog()  # MLflow removes and re-applies its own patches
     assert calls_until_refused(ask_openai, client, 2) == 2
     assert fake.wire_count == 4
+
+
+# -- mlflow.genai.evaluate re-runs autolog and reverts its patches ------------------------------
+
+
+@scorer
+def answered(outputs: Any) -> bool:
+    """Deterministic: the fake provider always answers "ok"."""
+    return bool(outputs == "ok")
+
+
+@pytest.mark.parametrize("order", ["autolog first", "runguard first"])
+def test_guard_counts_every_call_of_an_evaluation_and_still_refuses_after_it(
+    order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_MODEL_CATALOG_URI", "")  # no price lookups over the network
+    fake = FakeProvider(default=Reply(text="ok"))
+    client = fake.openai(max_retries=0)
+    if order == "autolog first":
+        mlflow.openai.autolog()
+        instrument()
+    else:
+        instrument()
+        with RunGuard():
+            ask_openai(client)  # RunGuard's hooks are in place before autolog patches
+        mlflow.openai.autolog()
+
+    def predict(question: str) -> str:
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": question}], max_tokens=8
+        )
+        return str(reply.choices[0].message.content)
+
+    rows = [{"inputs": {"question": f"q{i}"}} for i in range(4)]
+    before = fake.count("/chat/completions")
+    # process scope: the harness runs rows (and its validation call) on pool threads
+    with RunGuard(scope="process", max_calls=100) as guard:
+        result = mlflow.genai.evaluate(data=rows, scorers=[answered], predict_fn=predict)
+    sent = fake.count("/chat/completions") - before
+    assert sent >= len(rows)  # one per row, plus the harness's validation call (5 today)
+    assert guard.usage.calls == sent
+    assert not guard.tripped
+    assert result.metrics["answered/mean"] == 1.0  # every row got its answer
+
+    # evaluate has reverted its patches: a new guard still refuses before the wire
+    before = fake.wire_count
+    assert calls_until_refused(ask_openai, client, 1) == 1
+    assert fake.wire_count - before == 1

@@ -130,6 +130,35 @@ def test_a_named_inner_guard_does_not_collide_with_its_outer_guard(
     assert metrics["runguard.tool.calls"] == 1
 
 
+def test_two_unnamed_guards_on_one_run_keep_both_ledgers(tracking: str, client: Any) -> None:
+    with mlflow.start_run() as run:
+        with RunGuard():
+            ask(client)
+        with RunGuard():
+            ask(client)
+            ask(client)
+    first = ledger_of(run.info.run_id, "runguard/ledger.json")
+    second = ledger_of(run.info.run_id, "runguard/ledger.2.json")
+    calls = [sum(m["calls"] for m in logged["by_model"].values()) for logged in (first, second)]
+    assert calls == [1, 2]
+
+
+def test_a_started_run_is_ended_even_when_its_exit_write_fails(
+    tracking: str, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("store refused the batch")
+
+    with pytest.warns(RuntimeWarning, match="store refused the batch"):
+        with RunGuard(mlflow_run="start") as guard:
+            run_id = guard.mlflow_run
+            assert run_id is not None
+            monkeypatch.setattr(MlflowClient, "log_batch", refuse)
+            ask(client)
+        assert drain(10)
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
 def test_writes_per_guard_do_not_grow_with_the_calls(
     tracking: str, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

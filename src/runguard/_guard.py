@@ -421,25 +421,25 @@ class RunGuard:
         """Queue the exit write and the held artifacts; never raises, never waits."""
         run = self._mlflow_run
         held = self._account.artifacts
+        if run is None:
+            orphans = [entry for where, entry in held if where is None]
+            if orphans:
+                warnings.warn(
+                    f"runguard: {len(orphans)} held artifacts have no MLflow run to go "
+                    f"to (no run was active when the guard was entered); they are in "
+                    f"RunGuard.artifacts",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            held = [(where, entry) for where, entry in held if where is not None]
+            if not held:
+                return
         try:
-            from .integrations.mlflow import log_exit, log_held
+            from .integrations.mlflow import log_exit
 
-            if run is not None:
-                log_exit(run, self.name, self.usage, trip, self.ledger.to_dict())
-            by_run: dict[object, list[dict[str, Any]]] = {}
-            for target, entry in held:
-                by_run.setdefault(run if target is None else target, []).append(entry)
-            for target, entries in by_run.items():
-                if target is None:
-                    warnings.warn(
-                        f"runguard: {len(entries)} held artifacts have no MLflow run to go "
-                        f"to (no run was active when the guard was entered); they are in "
-                        f"RunGuard.artifacts",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                else:
-                    log_held(cast("str | StartedRun", target), self.name, entries)
+            log_exit(
+                run, self.name, self.usage, trip, self.ledger.to_dict(), cast("list[Any]", held)
+            )
         except Exception as exc:  # never let tracking break the agent
             warnings.warn(
                 f"runguard: could not queue the MLflow write ({exc!r})",
@@ -465,9 +465,9 @@ class RunGuard:
             raise RuntimeError("the RunGuard has exited; log tool outputs inside its block")
         if not isinstance(tool, str):
             raise TypeError(f"tool must be a str, got {type(tool).__name__}")
-        from .integrations.mlflow_artifacts import hold
+        from .integrations.mlflow_artifacts import frozen_output, hold
 
-        hold(self._account, None, "tool_output", output, step=step, tool=tool)
+        hold(self._account, None, "tool_output", frozen_output(output), step=step, tool=tool)
 
     def _leave(self) -> None:
         if self._state != "active":

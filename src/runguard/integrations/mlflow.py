@@ -98,10 +98,6 @@ def prefix(name: str | None) -> str:
     return f"runguard.{_safe(name)}." if name else "runguard."
 
 
-def artifact_path(name: str | None) -> str:
-    return f"runguard/{_safe(name)}/ledger.json" if name else "runguard/ledger.json"
-
-
 def summary(
     name: str | None, usage: Usage, trip: Trip | None
 ) -> tuple[dict[str, float], dict[str, str]]:
@@ -174,62 +170,61 @@ def _create(run: StartedRun) -> None:
         run.created.set()
 
 
+#: where held artifacts go: None for the guard's own run, else the run they were logged to
+Held = tuple[Target | None, dict[str, Any]]
+
+
 def log_exit(
-    target: Target,
+    target: Target | None,
     name: str | None,
     usage: Usage,
     trip: Trip | None,
     ledger: dict[str, Any],
+    held: list[Held] | tuple[Held, ...] = (),
+    *,
+    extra_metrics: dict[str, float] | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> None:
-    """Queue the guard's exit write for its run; returns at once."""
+    """Queue everything a guard writes at exit; returns at once.
+
+    Held artifacts first (one JSON artifact per run), then the batch of tags
+    and metrics and the ledger, and last, for a run RunGuard started, its end.
+    ``extra_metrics`` and ``extra_tags`` are logged under the guard's prefix.
+    """
     metrics, tags = summary(name, usage, trip)
-    _writer.submit(
-        functools.partial(_write, target, metrics, tags, artifact_path(name), ledger, trip)
-    )
-
-
-def log_held(target: Target, name: str | None, entries: list[dict[str, Any]]) -> None:
-    """Queue one JSON artifact holding ``entries`` (in order) for the run; returns at once."""
-    path = f"runguard/{_safe(name)}/artifacts.json" if name else "runguard/artifacts.json"
-    payload = {"guard": name, "entries": entries}
-    _writer.submit(functools.partial(_write_held, target, path, payload))
-
-
-def _write_held(target: Target, path: str, payload: dict[str, Any]) -> None:
-    run_id = target.id if isinstance(target, StartedRun) else target
-    if run_id is None:
-        return
-    try:
-        with internal():
-            sys.modules["mlflow"].MlflowClient().log_text(
-                run_id, json.dumps(payload, indent=1, default=str), path
-            )
-    except Exception as exc:
-        _warn(
-            f"could not write {len(payload['entries'])} held artifacts to MLflow run "
-            f"{run_id} ({exc!r}); they are still in RunGuard.artifacts"
-        )
+    key = prefix(name)
+    metrics |= {key + k: v for k, v in (extra_metrics or {}).items()}
+    tags |= {key + k: v for k, v in (extra_tags or {}).items()}
+    _writer.submit(functools.partial(_write, target, name, metrics, tags, ledger, held, trip))
 
 
 def _write(
-    target: Target,
+    target: Target | None,
+    name: str | None,
     metrics: dict[str, float],
     tags: dict[str, str],
-    artifact: str,
     ledger: dict[str, Any],
+    held: list[Held] | tuple[Held, ...],
     trip: Trip | None,
 ) -> None:
-    run_id = target.id if isinstance(target, StartedRun) else target
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or not hasattr(mlflow, "MlflowClient"):
+        _warn_once(
+            "this MLflow install has no tracking client (mlflow-tracing); "
+            "RunGuard marks traces but cannot log to runs"
+        )
+        return
+    run_id = _resolved(target)
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for where, entry in held:
+        held_in = run_id if where is None else _resolved(where)
+        if held_in is not None:
+            by_run.setdefault(held_in, []).append(entry)
+    for held_in, entries in by_run.items():
+        _write_held(held_in, name, entries)
     if run_id is None:
-        return  # the run could not be started; that was reported
+        return  # no run, or it could not be started (that was reported)
     try:
-        mlflow = sys.modules.get("mlflow")
-        if mlflow is None or not hasattr(mlflow, "MlflowClient"):
-            _warn_once(
-                "this MLflow install has no tracking client (mlflow-tracing); "
-                "RunGuard marks traces but cannot log to runs"
-            )
-            return
         from mlflow.entities import Metric, RunTag
 
         client = mlflow.MlflowClient()
@@ -240,14 +235,65 @@ def _write(
             tags=[RunTag(key, value) for key, value in tags.items()],
         )
         with internal():
-            client.log_dict(run_id, ledger, artifact)
-        if isinstance(target, StartedRun):
-            client.set_terminated(run_id, "FINISHED" if trip is None else "FAILED")
+            client.log_dict(run_id, ledger, _unclaimed(run_id, f"{_folder(name)}/ledger.json"))
     except Exception as exc:  # a tracking failure must never reach the agent
         _warn(
             f"could not log to MLflow run {run_id} ({exc!r}); "
             f"the guard's usage and trip are still on the RunGuard"
         )
+    finally:
+        if isinstance(target, StartedRun):
+            _end(run_id, trip)
+
+
+def _write_held(run_id: str, name: str | None, entries: list[dict[str, Any]]) -> None:
+    payload = {"guard": name, "entries": entries}
+    try:
+        with internal():
+            sys.modules["mlflow"].MlflowClient().log_text(
+                run_id,
+                json.dumps(payload, indent=1, default=str),
+                _unclaimed(run_id, f"{_folder(name)}/artifacts.json"),
+            )
+    except Exception as exc:
+        _warn(
+            f"could not write {len(entries)} held artifacts to MLflow run "
+            f"{run_id} ({exc!r}); they are still in RunGuard.artifacts"
+        )
+
+
+def _end(run_id: str, trip: Trip | None) -> None:
+    try:
+        sys.modules["mlflow"].MlflowClient().set_terminated(
+            run_id, "FINISHED" if trip is None else "FAILED"
+        )
+    except Exception as exc:
+        _warn(f"could not end the MLflow run {run_id} RunGuard started ({exc!r})")
+
+
+def _resolved(target: Target | None) -> str | None:
+    return target.id if isinstance(target, StartedRun) else target
+
+
+def _folder(name: str | None) -> str:
+    return f"runguard/{_safe(name)}" if name else "runguard"
+
+
+#: (run id, path) -> how many guards of this process wrote it; used by the writer thread only
+_claimed: dict[tuple[str, str], int] = {}
+
+
+def _unclaimed(run_id: str, path: str) -> str:
+    """``path``, or ``<stem>.<n>.json`` when another guard (unnamed, or of the same name) has it.
+
+    Two guards writing to one run never overwrite each other's files.
+    """
+    seen = _claimed.get((run_id, path), 0)
+    _claimed[(run_id, path)] = seen + 1
+    if not seen:
+        return path
+    stem, dot, suffix = path.rpartition(".")
+    return f"{stem}.{seen + 1}{dot}{suffix}"
 
 
 def _warn(message: str) -> None:

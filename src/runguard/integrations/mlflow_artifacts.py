@@ -20,6 +20,7 @@ themselves); outside any guard they only look up the active guards.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -113,7 +114,9 @@ def _measure_dir(run_id: str, local_dir: Any, artifact_path: str | None = None) 
 def _measure_object(
     run_id: str, filename: str, artifact_path: str | None = None, artifact: Any = None
 ) -> ArtifactWrite:
-    # an image not encoded yet: its raw size bounds the file it becomes
+    # an image MLflow encodes later, in its upload thread: charged its raw pixel
+    # size, an estimate of the file it becomes (not measured, to keep the encoding
+    # off the agent's thread)
     size = getattr(artifact, "nbytes", None)
     if size is None:
         width, height = getattr(artifact, "size", (0, 0))
@@ -139,12 +142,13 @@ def _consolidating(
     if holder is None:
         return wrapped(*args, **kwargs)
     run_id, content, name = _arguments(*args, **kwargs)
-    size = _size(content)
-    if size is None or size > SMALL_BYTES:
+    frozen = _frozen(content)
+    if frozen is None or frozen[1] > SMALL_BYTES:
         return wrapped(*args, **kwargs)
     # counted now (bytes, no file of its own): a ceiling stops a runaway buffer
-    LEDGER.write_artifact(accounts, ArtifactWrite(0, size, name))
-    hold(holder, run_id, "text" if wrapped.__name__ == "log_text" else "dict", content, name=name)
+    LEDGER.write_artifact(accounts, ArtifactWrite(0, frozen[1], name))
+    kind = "text" if wrapped.__name__ == "log_text" else "dict"
+    hold(holder, run_id, kind, frozen[0], name=name)
     return None
 
 
@@ -155,15 +159,25 @@ def _arguments(run_id: str, *given: Any, **named: Any) -> tuple[str, Any, str]:
     return run_id, content, str(artifact_file)
 
 
-def _size(content: Any) -> int | None:
-    if isinstance(content, str):
-        return len(content.encode("utf-8", "replace"))
-    import json
+def _frozen(content: Any, default: Any = None) -> tuple[Any, int] | None:
+    """``content`` as it is now (a caller may mutate it after logging) and its size in bytes.
 
+    None when it is not JSON (and no ``default`` makes it so): then MLflow
+    writes it, or fails, as usual.
+    """
+    if isinstance(content, str):
+        return content, len(content.encode("utf-8", "replace"))
     try:
-        return len(json.dumps(content, default=str))
+        text = json.dumps(content, default=default)
     except (TypeError, ValueError):
-        return None  # not JSON: let MLflow write it (or fail) as usual
+        return None
+    return json.loads(text), len(text.encode("utf-8"))
+
+
+def frozen_output(output: Any) -> Any:
+    """A tool output as it is now: a JSON copy, values JSON cannot hold written with ``str``."""
+    frozen = _frozen(output, default=str)
+    return str(output) if frozen is None else frozen[0]
 
 
 def hold(
