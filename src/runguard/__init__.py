@@ -4,6 +4,7 @@ Inside ``with RunGuard(...)`` or a ``@guarded`` function, every call the
 ``openai`` and ``anthropic`` SDKs make is admitted before it is sent and
 charged when it returns; the first ceiling that would be crossed refuses
 the call with a typed exception, and nothing leaves the process.
+:func:`guarded_evaluate` runs an MLflow evaluation inside a fitted budget.
 """
 
 from ._errors import (
@@ -25,6 +26,7 @@ from ._ledger import Account
 from ._records import ArtifactWrite, Attempt, CallRequest, CallResult, ToolCall, Trip, Usage
 from .alerts import Alert
 from .budgets import Budget
+from .evaluate import EvalEstimate, GuardedEvaluation, estimate_eval_calls, guarded_evaluate
 from .pricing import Price
 from .providers import instrument
 from .steps import Breakdown, step
@@ -42,6 +44,8 @@ __all__ = [
     "CallRequest",
     "CallResult",
     "ContextOverflow",
+    "EvalEstimate",
+    "GuardedEvaluation",
     "GuardTripped",
     "InstrumentationError",
     "LatencyBudgetExceeded",
@@ -56,7 +60,9 @@ __all__ = [
     "UpstreamBudgetExceeded",
     "Usage",
     "current_guard",
+    "estimate_eval_calls",
     "guarded",
+    "guarded_evaluate",
     "instrument",
     "propagate",
     "step",

@@ -19,6 +19,10 @@ Token counts in a :class:`Reply` use RunGuard's convention: ``input_tokens``
 is every input token, cache reads and writes included. The fake translates
 them into each provider's own fields (Anthropic reports fresh input apart
 from cache reads and writes).
+
+:class:`FakeJudge` is a judge LLM for MLflow's evaluations: MLflow's judges
+post with ``requests`` rather than an SDK, so it is a real HTTP server on
+127.0.0.1, speaking the OpenAI chat-completions API.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FakeProvider", "Reply", "WireRequest"]
+__all__ = ["FakeJudge", "FakeProvider", "Reply", "WireRequest"]
 
 _BASE_URL = "http://runguard.fake"
 
@@ -611,3 +615,117 @@ def _anthropic_message(reply: Reply, model: str, n: int, stream: bool) -> Any:
     events.append(_sse(delta, "message_delta"))
     events.append(_sse({"type": "message_stop"}, "message_stop"))
     return events
+
+
+class FakeJudge:
+    """An OpenAI-compatible judge LLM on 127.0.0.1 for MLflow's judges; counts what reaches it.
+
+    Use it as a context manager, and point MLflow's judges at :attr:`url`
+    (``OPENAI_BASE_URL=judge.url`` for the built-in scorers and legacy
+    metrics, or ``make_judge(..., base_url=judge.url + "/chat/completions")``)::
+
+        with FakeJudge() as judge:
+            os.environ["OPENAI_BASE_URL"] = judge.url
+            mlflow.genai.evaluate(...)
+        print(judge.count)
+
+    Every answer is ``verdict`` as JSON (by default one that both the
+    ``mlflow.genai`` judges and the legacy ``mlflow.metrics.genai`` metrics
+    read as a pass), with the usage given. The first ``fail_first``
+    requests are answered ``fail_status`` instead (429 by default).
+    """
+
+    DEFAULT_VERDICT: Mapping[str, Any] = {
+        "result": "yes",
+        "rationale": "The answer is supported.",
+        "score": 5,
+        "justification": "The answer is supported.",
+    }
+
+    def __init__(
+        self,
+        verdict: Mapping[str, Any] | None = None,
+        input_tokens: int = 120,
+        output_tokens: int = 15,
+        fail_first: int = 0,
+        fail_status: int = 429,
+    ) -> None:
+        self.verdict = dict(verdict if verdict is not None else self.DEFAULT_VERDICT)
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.fail_first = fail_first
+        self.fail_status = fail_status
+        #: the JSON body of every request that reached the judge, in arrival order
+        self.requests: list[Any] = []
+        self.url = ""
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def __enter__(self) -> FakeJudge:
+        from http.server import ThreadingHTTPServer
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _judge_handler(self))
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _answer(self, body: Any) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.requests.append(body)
+            number = len(self.requests)
+        if number <= self.fail_first:
+            message = "judge unavailable" if self.fail_status != 429 else "slow down"
+            return self.fail_status, {"error": {"message": message, "type": "server_error"}}
+        model = body.get("model", "gpt-4.1-mini") if isinstance(body, dict) else "gpt-4.1-mini"
+        return 200, {
+            "id": f"judge-{number}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": json.dumps(self.verdict)},
+                }
+            ],
+            "usage": {
+                "prompt_tokens": self.input_tokens,
+                "completion_tokens": self.output_tokens,
+                "total_tokens": self.input_tokens + self.output_tokens,
+            },
+        }
+
+
+def _judge_handler(judge: FakeJudge) -> Any:
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            size = int(self.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(self.rfile.read(size) or b"null")
+            except ValueError:
+                body = None
+            status, answer = judge._answer(body)
+            payload = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a test's output stays clean
+
+    return Handler

@@ -35,6 +35,9 @@ def instrument() -> None:
             return
         for package, adapter in SDKS.items():
             wrapt.register_post_import_hook(_patcher(package, adapter), package)
+        from . import mlflow_judges
+
+        mlflow_judges.instrument()  # MLflow's judges post to providers without an SDK
         _registered = True
 
 
