@@ -180,3 +180,71 @@ def test_concurrency_benchmark_sends_exactly_the_ceiling() -> None:
     for _, _, attempts, refused, wire, calls in rows:
         assert int(wire) == int(calls) == int(limit.group(1))
         assert int(attempts) == int(wire) + int(refused)
+
+
+def test_eval_fanout_example_fits_the_evaluation_to_its_call_budget() -> None:
+    done = run("examples/eval_fanout.py", timeout=120)
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
+    limit = number("max_llm_calls", out)
+    assert number("expected LLM calls", out) > limit  # the whole evaluation would not fit
+
+    # on_over_budget="raise": refused before the first request
+    assert "on_over_budget='raise': BudgetExceeded: " in out
+    assert number("requests sent by the refused evaluation", out) == 0
+
+    # the default: a sample that fits, every call counted, agent's and judges' alike
+    rows, kept = number("rows total", out), number("rows kept", out)
+    assert number("rows", out) == rows
+    assert 0 < kept < rows
+    assert number("rows that fit", out) == kept
+    assert number("rows scored", out) == kept
+    assert value("tripped:", out) == "no"
+    admitted = number("calls RunGuard admitted", out)
+    agent = number("agent requests that reached the provider", out)
+    judges = number("judge requests that reached the judge", out)
+    assert agent >= kept and judges >= kept
+    assert agent + judges == admitted <= limit
+    assert admitted == number("expected LLM calls for those rows", out)
+
+    # the summary logged on the evaluation's run, read back from MLflow
+    assert number("runguard.eval.calls", out) == admitted
+    assert number("runguard.eval.rows_total", out) == rows
+    assert number("runguard.eval.rows_kept", out) == kept
+    assert number("runguard.eval.rows_scored", out) == kept
+    assert value("runguard.eval.sampled:", out) == "true"
+    assert value("runguard.eval.tripped:", out) == "false"
+
+
+def test_mlflow_tracking_example_leaves_trip_usage_and_one_held_artifact_on_the_run() -> None:
+    done = run("examples/mlflow_tracking.py", timeout=120)
+    out = done.stdout
+    assert done.returncode == 0, done.stderr
+    key = "runguard.support-bot."
+    assert value(f"{key}tripped:", out) == "true"
+    guard = value(f"{key}trip_guard:", out)
+    assert value(f"{key}trip_reason:", out) == value(f"stopped by {guard}:", out)
+
+    calls = number("calls admitted", out)
+    assert calls > 0
+    assert number("requests that reached the provider", out) == calls
+    assert number(f"{key}calls", out) == calls
+    steps = re.findall(r"^  step \d+: lookup_order -> ", out, re.MULTILINE)
+    assert len(steps) == calls  # every admitted call asked for the tool
+
+    # held writes are in artifacts.json, not uploaded one by one; uploads are counted
+    listed = re.findall(r"^artifact: (\S+)$", out, re.MULTILINE)
+    assert {"runguard/support-bot/ledger.json", "runguard/support-bot/artifacts.json"} <= set(
+        listed
+    )
+    assert not [path for path in listed if path.startswith("transcript/")]
+    uploads = [path for path in listed if not path.startswith("runguard/")]
+    assert uploads and number(f"{key}artifact_writes", out) == len(uploads)
+    assert number("tool_output entries in artifacts.json", out) == len(steps)
+    assert number("text entries in artifacts.json", out) == len(steps)
+
+    # mlflow_run="start": a run of the guard's own, named after it and ended
+    assert value("run RunGuard started:", out) == "nightly-digest (FINISHED)"
+    started_calls = number("its calls metric", out)
+    assert started_calls > 0
+    assert number("requests that reached the provider, both guards", out) == calls + started_calls

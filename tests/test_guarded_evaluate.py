@@ -27,6 +27,7 @@ from mlflow.metrics.genai import make_genai_metric
 
 from runguard import (
     BudgetExceeded,
+    Price,
     RateLimitStorm,
     RunGuard,
     estimate_eval_calls,
@@ -300,6 +301,7 @@ def test_the_estimate_and_the_sample_are_logged_on_the_evaluation_run(
     run = mlflow.MlflowClient().get_run(evaluation.run_id)
     metrics, tags = run.data.metrics, run.data.tags
     assert metrics["runguard.nightly.estimated_llm_calls"] == evaluation.estimate.llm_calls == 49
+    assert metrics["runguard.nightly.estimated_llm_calls_kept"] == 29  # 7 rows x 4 + 1
     assert metrics["runguard.nightly.worst_llm_calls"] == evaluation.estimate.worst_llm_calls
     assert metrics["runguard.nightly.rows_total"] == 12
     assert metrics["runguard.nightly.rows_kept"] == evaluation.rows_kept == 7
@@ -330,6 +332,25 @@ def test_the_legacy_form_is_sampled_and_its_judges_are_enforced(
     assert len(asked(agent)) == 7 and set(judged(judge)) == set(asked(agent))
     assert evaluation.rows_scored == 7
     assert evaluation.metrics["helpful/v1/mean"] == 5
+
+
+def test_max_cost_usd_charges_judges_what_the_wire_says_they_cost(
+    agent: FakeProvider, judge: FakeJudge
+) -> None:
+    # USD per million tokens; output cheap, so a judge's 4,096-token worst case still fits
+    prices = {model: Price(input=100, output=1) for model in ("gpt-4.1-mini", "gpt-4o-mini")}
+    evaluation = guarded_evaluate(
+        questions(20), [Correctness()], predictor(agent), max_cost_usd=0.2, prices=prices
+    )
+    spent = (
+        judge.count * (judge.input_tokens * 100 + judge.output_tokens) / 1e6
+        + agent.wire_count * (Reply().input_tokens * 100 + Reply().output_tokens) / 1e6
+    )
+    assert judge.count > 0
+    assert spent <= 0.2
+    assert evaluation.usage.cost_usd == pytest.approx(spent)
+    assert evaluation.trip is not None and evaluation.trip.guard == "max_cost_usd"
+    assert evaluation.rows_scored is not None and evaluation.rows_scored < 20
 
 
 # -- judge calls under any guard -----------------------------------------------------------

@@ -296,8 +296,9 @@ class RunGuard:
         """The id of the MLflow run the guard logs to at exit, if any.
 
         The run given as ``mlflow_run``, or the one active when the guard was
-        entered. With ``mlflow_run="start"``, the run RunGuard created (read
-        this after the guard exited; it is created off the agent's path).
+        entered. With ``mlflow_run="start"``, the run RunGuard created: it is
+        created off the agent's path, so reading this waits (up to 5 s) until
+        it exists; None if it could not be created (that was a warning).
         """
         run = self._mlflow_run
         if isinstance(run, str):

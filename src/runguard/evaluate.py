@@ -31,6 +31,7 @@ from typing import Any, Literal
 from ._errors import BudgetExceeded
 from ._guard import RunGuard
 from ._records import Trip, Usage
+from .pricing import Price
 
 #: MLflow's defaults when its environment variables are unset (see docs/mlflow.md)
 HARNESS_RETRIES = 3
@@ -190,12 +191,15 @@ def guarded_evaluate(
     model: Any = None,
     extra_metrics: Sequence[Any] | None = None,
     name: str = "eval",
+    prices: Mapping[str, Price | str] | None = None,
     **evaluate_kwargs: Any,
 ) -> GuardedEvaluation:
     """``mlflow.genai.evaluate`` (or legacy ``mlflow.models.evaluate``) inside a fitted budget.
 
     Give ``scorers`` (and ``predict_fn``) for the GenAI form, ``model`` and
     ``extra_metrics`` for the legacy one; other keywords go to MLflow.
+    ``prices`` prices models RunGuard does not know (as on :class:`RunGuard`),
+    such as a judge behind a gateway endpoint, when ``max_cost_usd`` is set.
 
     Over ``max_llm_calls`` by the estimate, ``on_over_budget="sample"``
     keeps a random sample of the rows (fixed ``seed``, original order) that
@@ -229,6 +233,7 @@ def guarded_evaluate(
     guard = RunGuard(
         max_calls=max_llm_calls,
         max_cost_usd=max_cost_usd,
+        prices=prices,
         name=name,
         scope="process",
         raise_on_exit=False,
@@ -236,7 +241,7 @@ def guarded_evaluate(
     )
     kept = estimate.fits
     if kept < estimate.rows and (on_over_budget == "raise" or kept < min_rows):
-        _refuse(estimate, min_rows, on_over_budget)
+        _refuse(estimate, min_rows, on_over_budget, name)
     sample = _sample(data, estimate.rows, kept, seed) if kept < estimate.rows else data
 
     import mlflow
@@ -349,7 +354,7 @@ def _sample(data: Any, rows: int, keep: int, seed: int) -> Any:
     raise TypeError(f"cannot sample {type(data).__name__}; pass a list or a DataFrame")
 
 
-def _refuse(estimate: EvalEstimate, min_rows: int, on_over_budget: str) -> None:
+def _refuse(estimate: EvalEstimate, min_rows: int, on_over_budget: str, name: str) -> None:
     limit = estimate.max_llm_calls or 0
     reason = (
         f"the evaluation would make about {estimate.llm_calls:,} LLM calls "
@@ -362,7 +367,7 @@ def _refuse(estimate: EvalEstimate, min_rows: int, on_over_budget: str) -> None:
         reason=reason + "; nothing was sent",
         limit=limit,
         observed=estimate.llm_calls,
-        run="eval",
+        run=name,
         exception=BudgetExceeded,
         details={"rows": estimate.rows, "fits": estimate.fits},
     )
@@ -411,6 +416,7 @@ def _log_summary(
     estimate = evaluation.estimate
     extra_metrics: dict[str, float] = {
         "estimated_llm_calls": estimate.llm_calls,
+        "estimated_llm_calls_kept": estimate.for_rows(evaluation.rows_kept),
         "worst_llm_calls": estimate.worst_llm_calls,
         "rows_total": evaluation.rows_total,
         "rows_kept": evaluation.rows_kept,

@@ -142,9 +142,8 @@ def _judge_call(
         _call.reset(token)
     call.llm_seconds += perf_counter() - started
     if isinstance(answer, dict):
-        if "model" not in answer:
-            answer = {**answer, "model": model}
-        reader.read_usage(answer, call)
+        # some providers' answers name no model; the request's prices them
+        reader.read_usage(answer if "model" in answer else {**answer, "model": model}, call)
     call.finish()
     return answer
 
