@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean redis-server
+.PHONY: demo test lint typecheck bench clean redis-server docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,38 @@ redis-server:
 	  apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 	  { apt-get update -qq && apt-get install -y -qq redis-server; }; }
 
-test: lint typecheck redis-server
+test: lint typecheck docs redis-server
 	$(BIN)/python -m pytest -q
+
+# The site goes to site/ (git-ignored). strict: any MkDocs or mkdocstrings warning fails it.
+$(VENV)/.docs: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Framework integration tests (LangChain, LangGraph, OpenAI Agents SDK, LiteLLM) in their
+# own virtualenv: litellm must not sit next to MLflow in $(VENV) (MLflow's judges switch to it).
+# RUNGUARD_FRAMEWORKS=1 turns a missing framework package into an error, not a skip.
+.PHONY: test-frameworks
+FW_VENV := .venv-frameworks
+FW_BIN  := $(FW_VENV)/bin
+
+$(FW_BIN)/python:
+	$(PYTHON) -m venv $(FW_VENV)
+	$(FW_BIN)/python -m pip install -q --upgrade pip
+
+$(FW_VENV)/.frameworks: pyproject.toml | $(FW_BIN)/python
+	$(FW_BIN)/pip install -q -e '.[frameworks-test]'
+	touch $@
+
+test-frameworks: $(FW_VENV)/.frameworks
+	RUNGUARD_FRAMEWORKS=1 $(FW_BIN)/python -m pytest -q tests/frameworks
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/concurrency.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -44,8 +44,12 @@ class Budget:
     Args:
         name: identifies the budget in its store: RunGuards (and processes)
             naming the same budget on the same store share its totals.
-        max_calls, max_input_tokens, max_output_tokens, max_total_tokens,
-            max_cost_usd: the ceilings (at least one).
+        max_calls: calls per window. This and the four ceilings below are
+            each optional, but at least one must be given.
+        max_input_tokens: input tokens per window.
+        max_output_tokens: output tokens per window.
+        max_total_tokens: input plus output tokens per window.
+        max_cost_usd: dollars per window.
         period: ``"minute"``, ``"hour"``, ``"day"`` (default), ``"week"``
             (from Monday) or ``"month"``; windows are calendar-aligned in UTC.
         store: where the totals live (default: this process's memory).
