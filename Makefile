@@ -37,6 +37,7 @@ redis-server:
 
 test: lint typecheck docs redis-server
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-frameworks
 
 # The site goes to site/ (git-ignored). strict: any MkDocs or mkdocstrings warning fails it.
 $(VENV)/.docs: pyproject.toml | $(BIN)/python

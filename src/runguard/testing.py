@@ -292,10 +292,11 @@ def _openai_usage(reply: Reply) -> dict[str, Any]:
     }
 
 
-def _chat_tool_calls(reply: Reply) -> list[dict[str, Any]]:
+def _chat_tool_calls(reply: Reply, n: int) -> list[dict[str, Any]]:
+    # ids unique per answer, as the APIs' are: agents remember the calls they answered
     return [
         {
-            "id": f"call_{i}",
+            "id": f"call_{n}_{i}",
             "type": "function",
             "function": {"name": name, "arguments": json.dumps(dict(args))},
         }
@@ -311,7 +312,7 @@ def _chat(reply: Reply, model: str, n: int, stream: bool, include_usage: bool) -
         message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
         if reply.tool_calls:
             message["content"] = None
-            message["tool_calls"] = _chat_tool_calls(reply)
+            message["tool_calls"] = _chat_tool_calls(reply, n)
         answer: dict[str, Any] = {
             "id": ident,
             "object": "chat.completion",
@@ -340,7 +341,7 @@ def _chat(reply: Reply, model: str, n: int, stream: bool, include_usage: bool) -
     events = [_sse(chunk({"role": "assistant", "content": ""}, None))]
     if reply.tool_calls:
         # as the API does: the name first, then the arguments in pieces
-        for i, call in enumerate(_chat_tool_calls(reply)):
+        for i, call in enumerate(_chat_tool_calls(reply, n)):
             head = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
             events.append(_sse(chunk({"tool_calls": [{"index": i, **head}]}, None)))
             for piece in _pieces(call["function"]["arguments"], reply.chunks):
@@ -414,8 +415,8 @@ def _responses_body(reply: Reply, model: str, n: int, status: str, final: bool) 
         output = [
             {
                 "type": "function_call",
-                "id": f"fc_{i}",
-                "call_id": f"call_{i}",
+                "id": f"fc_{n}_{i}",
+                "call_id": f"call_{n}_{i}",
                 "name": name,
                 "arguments": json.dumps(dict(args)),
                 "status": "completed",
@@ -559,7 +560,7 @@ def _anthropic_usage(reply: Reply, output_tokens: int) -> dict[str, Any]:
 
 def _anthropic_message(reply: Reply, model: str, n: int, stream: bool) -> Any:
     content: list[dict[str, Any]] = [
-        {"type": "tool_use", "id": f"toolu_{i}", "name": name, "input": dict(args)}
+        {"type": "tool_use", "id": f"toolu_{n}_{i}", "name": name, "input": dict(args)}
         for i, (name, args) in enumerate(reply.tool_calls)
     ] or [{"type": "text", "text": reply.text}]
     stop = "tool_use" if reply.tool_calls else "end_turn"
