@@ -38,6 +38,7 @@ redis-server:
 test: lint typecheck docs redis-server
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-frameworks
+	$(MAKE) test-matrix
 
 # The site goes to site/ (git-ignored). strict: any MkDocs or mkdocstrings warning fails it.
 $(VENV)/.docs: pyproject.toml | $(BIN)/python
@@ -71,3 +72,41 @@ bench: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
+
+# The provider tests against the oldest and the newest supported SDKs (docs/sdk-versions.md),
+# each pair in its own virtualenv with runguard and no dev extras. A stamp per venv keeps
+# re-runs to the tests alone; changing a pin (or pyproject.toml) reinstalls that venv.
+# Do not run two of these at once in one checkout: they share .venv-matrix/.
+.PHONY: test-matrix
+MATRIX_DIR       := .venv-matrix
+MATRIX_OLDEST    := openai==3.14.1 anthropic==0.108.0
+MATRIX_NEWEST    := openai==3.57.0 anthropic==2.15.0
+MATRIX_TOOLS     := 'pytest>=8' 'pytest-asyncio>=0.23' 'pytest-timeout>=2.3' 'hypothesis>=6.100'
+MATRIX_TESTS     := tests/test_openai.py tests/test_anthropic.py tests/test_streams.py \
+                    tests/test_rate_limits.py tests/test_latency.py tests/test_loops.py \
+                    tests/test_context_guard.py tests/test_concurrency.py tests/test_guard.py \
+                    tests/test_sdk_hooks.py
+
+matrix_pins = $(MATRIX_$(shell echo $(1) | tr a-z A-Z)) $(MATRIX_TOOLS)
+
+# rewritten only when the pins change, so edits elsewhere in this file keep the venvs
+$(MATRIX_DIR)/%.pins: FORCE
+	@mkdir -p $(@D)
+	@echo "$(call matrix_pins,$*)" | cmp -s - $@ || echo "$(call matrix_pins,$*)" > $@
+
+$(MATRIX_DIR)/%/.stamp: pyproject.toml $(MATRIX_DIR)/%.pins
+	rm -rf $(MATRIX_DIR)/$*
+	$(PYTHON) -m venv $(MATRIX_DIR)/$*
+	$(MATRIX_DIR)/$*/bin/pip install -q --disable-pip-version-check -e . $(call matrix_pins,$*)
+	touch $@
+
+.PHONY: FORCE
+.PRECIOUS: $(MATRIX_DIR)/%.pins
+FORCE:
+
+test-matrix: $(MATRIX_DIR)/oldest/.stamp $(MATRIX_DIR)/newest/.stamp
+	@for name in oldest newest; do \
+	  echo "== test-matrix $$name: $$($(MATRIX_DIR)/$$name/bin/pip list 2>/dev/null \
+	    | grep -E '^(openai|anthropic) ' | tr -s ' ' | paste -sd ' ')"; \
+	  $(MATRIX_DIR)/$$name/bin/python -m pytest -q -p no:cacheprovider $(MATRIX_TESTS) || exit 1; \
+	done

@@ -8,6 +8,7 @@ and writes, as Anthropic does); dollars are checked against
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from typing import Any
@@ -277,8 +278,10 @@ async def test_async_raw_response_is_counted_once(
             model=MODEL, messages=MESSAGES, max_tokens=100
         )
         unparsed = guard.usage
-        await raw.parse()
-        await raw.parse()
+        for _ in range(2):
+            parsed = raw.parse()  # a coroutine, except on SDKs whose async raw parse is sync
+            if inspect.isawaitable(parsed):
+                await parsed
     assert fake.wire_count == 1
     assert_exact(unparsed)
     assert_exact(guard.usage)

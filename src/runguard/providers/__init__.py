@@ -16,6 +16,10 @@ SDKS: dict[str, str] = {"openai": "openai", "anthropic": "anthropic"}
 
 _registered = False
 _lock = threading.Lock()
+#: SDK -> why it could not be hooked. wrapt runs an import hook once: after it
+#: raised, a second ``import`` would hand back the SDK unhooked, so every later
+#: guard entry raises the same error instead of counting nothing.
+_refused: dict[str, Exception] = {}
 
 
 def instrument() -> None:
@@ -27,6 +31,8 @@ def instrument() -> None:
     """
     global _registered
     if _registered:
+        if _refused:
+            raise next(iter(_refused.values()))
         return
     import wrapt
 
@@ -45,7 +51,11 @@ def _patcher(package: str, adapter: str) -> Any:
     def hook(_module: ModuleType) -> None:
         from ._stainless import patch
 
-        patch(package, importlib.import_module(f"{__name__}.{adapter}"))
+        try:
+            patch(package, importlib.import_module(f"{__name__}.{adapter}"))
+        except Exception as exc:
+            _refused[package] = exc
+            raise
 
     return hook
 
