@@ -223,8 +223,11 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         except BaseException as failure:
             call.llm_seconds += perf_counter() - started
             call.finish(failed=True)
-            if isinstance(failure, GuardTripped):
-                _report_trip(failure)
+            tripped = _tripped(failure)
+            if tripped is not None:
+                _report_trip(tripped)
+                if tripped is not failure:
+                    raise tripped from None
             raise
         finally:
             _current.reset(token)
@@ -255,8 +258,11 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         except BaseException as failure:
             call.llm_seconds += perf_counter() - started
             call.finish(failed=True)
-            if isinstance(failure, GuardTripped):
-                _report_trip(failure)
+            tripped = _tripped(failure)
+            if tripped is not None:
+                _report_trip(tripped)
+                if tripped is not failure:
+                    raise tripped from None
             raise
         finally:
             _current.reset(token)
@@ -266,6 +272,19 @@ def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
         return result
 
     return request, arequest
+
+
+def _tripped(failure: BaseException) -> GuardTripped | None:
+    """The refusal behind ``failure``: itself, or the cause an SDK wrapped it in.
+
+    Some SDK releases (openai 2.31 to 3.14.0) catch any exception raised during an
+    HTTP attempt and raise their own connection error from it; the agent must still
+    get RunGuard's exception.
+    """
+    if isinstance(failure, GuardTripped):
+        return failure
+    cause = failure.__cause__
+    return cause if isinstance(cause, GuardTripped) else None
 
 
 def _report_trip(refused: GuardTripped) -> None:
