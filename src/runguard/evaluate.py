@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from ._checks import positive
 from ._errors import BudgetExceeded
 from ._guard import RunGuard
 from ._records import Trip, Usage
@@ -126,9 +127,10 @@ def estimate_eval_calls(
     calls a named judge makes per row (1 by default; a judge reading the
     trace may loop, a retrieval judge makes one per retrieved chunk).
     """
-    _check_count("agent_calls_per_row", agent_calls_per_row, whole=False, zero=True)
+    if agent_calls_per_row != 0 or isinstance(agent_calls_per_row, bool):  # 0: outputs given
+        positive("agent_calls_per_row", agent_calls_per_row, whole=False)
     if max_llm_calls is not None:
-        _check_count("max_llm_calls", max_llm_calls, whole=True, zero=False)
+        positive("max_llm_calls", max_llm_calls, whole=True)
     harness = "legacy" if predict_fn is None and (model is not None or extra_metrics) else "genai"
     rows = _row_count(data)
     runs_agent = (predict_fn if harness == "genai" else model) is not None
@@ -217,7 +219,7 @@ def guarded_evaluate(
         )
     if on_over_budget not in ("sample", "raise"):
         raise ValueError(f"on_over_budget must be 'sample' or 'raise', got {on_over_budget!r}")
-    _check_count("min_rows", min_rows, whole=True, zero=False)
+    positive("min_rows", min_rows, whole=True)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     estimate = estimate_eval_calls(
@@ -443,14 +445,6 @@ def _log_summary(
 
 
 # -- small checks ---------------------------------------------------------------------
-
-
-def _check_count(name: str, value: object, *, whole: bool, zero: bool) -> None:
-    kinds = (int,) if whole else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{name} must be {'an int' if whole else 'a number'}, got {value!r}")
-    if value < 0 or (value == 0 and not zero) or value != value:
-        raise ValueError(f"{name} must be {'>= 0' if zero else 'positive'}, got {value!r}")
 
 
 def _env_true(name: str) -> bool:
