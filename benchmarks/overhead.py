@@ -28,7 +28,7 @@ cross-check of the unpatched arm (not paired: another process, another moment).
 Library only. Driving 100,000 whole SDK calls would take minutes, so the long run
 drives the hook functions RunGuard installed on the SDK (taken from the
 installed wrappers) around a stub of the SDK's call chain, ``request`` ->
-``_process_response`` -> ``_process_response_data``, which does none of the
+``_send_request``, then ``_process_response`` -> ``_process_response_data``, which does none of the
 SDK's own work (no request building, HTTP or response models). The request
 options are the ones the SDK built for the whole-call benchmark. Each hooked
 stub call is paired with an unhooked one. This is a hot loop: the same code
@@ -58,9 +58,8 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import wrapt
-
 import runguard
+from runguard.providers import _stainless
 from runguard.testing import FakeProvider, Reply
 
 MODEL = "gpt-4o"
@@ -165,17 +164,17 @@ def unpatched_client(fake: FakeProvider) -> Any:
     client = fake.openai()
     for cls in type(client).__mro__:
         for name, attr in vars(cls).items():
-            if isinstance(attr, wrapt.FunctionWrapper) and name not in vars(client):
+            if hasattr(attr, "runguard_wrapper") and name not in vars(client):
                 setattr(client, name, types.MethodType(attr.__wrapped__, client))
     return client
 
 
 def installed_hook(cls: type, name: str) -> Any:
     """The function RunGuard wrapped around ``cls.name``."""
-    wrapper = vars(cls)[name]
-    if not isinstance(wrapper, wrapt.FunctionWrapper):
+    hooked = vars(cls)[name]
+    if not hasattr(hooked, "runguard_wrapper"):
         raise RuntimeError(f"runguard's hook is not installed on {cls.__name__}.{name}")
-    return wrapper._self_wrapper
+    return hooked.runguard_wrapper
 
 
 #: arm name -> (the context it runs in, the call)
@@ -331,10 +330,11 @@ def stub_chain() -> tuple[type, type]:
     for cls, name in (
         (base.SyncAPIClient, "request"),
         (base.SyncAPIClient, "_send_request"),
-        (base.SyncAPIClient, "_process_response"),
         (base.BaseClient, "_process_response_data"),
     ):
-        wrapt.wrap_function_wrapper(Hooked, name, installed_hook(cls, name))
+        setattr(Hooked, name, vars(Chain)[name])
+        # installed the way RunGuard installs it on the SDK
+        _stainless._hook(Hooked, name, installed_hook(cls, name))
     return Chain, Hooked
 
 

@@ -770,6 +770,55 @@ def test_a_request_that_differs_in_content_is_not_identical(
     assert fake.wire_count == 4
 
 
+def _image_turn(data: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is in this picture?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+            ],
+        }
+    ]
+
+
+def _tool_turn(call_id: str) -> list[dict[str, Any]]:
+    call = {"id": call_id, "type": "function", "function": {"name": "search", "arguments": "{}"}}
+    return [
+        *MESSAGES,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "content": "nothing found"},
+    ]
+
+
+# Parts the token estimate skips (binary data, identifiers, the tool choice) still make
+# two requests different: a batch of pictures sent with one prompt is not a loop.
+SKIPPED_BY_THE_COUNT = {
+    "image": lambda c, i: c.chat.completions.create(model=MODEL, messages=_image_turn("AAAA" + i)),
+    "tool_call_id": lambda c, i: c.chat.completions.create(
+        model=MODEL, messages=_tool_turn(f"call_{i}"), tools=TOOLS
+    ),
+    "tool_choice": lambda c, i: ask(c, tools=TOOLS, tool_choice="auto" if i == "a" else "required"),
+    "nesting": lambda c, i: c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "find x" if i == "a" else ["find x"]}],
+    ),
+}
+
+
+@pytest.mark.parametrize("part", sorted(SKIPPED_BY_THE_COUNT))
+def test_requests_differing_only_in_a_part_the_count_skips_are_not_identical(
+    fake: FakeProvider, client: Any, part: str
+) -> None:
+    send = SKIPPED_BY_THE_COUNT[part]
+    with pytest.raises(LoopDetected), RunGuard(max_identical_requests=1):
+        send(client, "a")
+        send(client, "b")  # differs only in that part: sent
+        send(client, "a")  # the first again: refused
+    assert fake.wire_count == 2
+    assert fake.requests[0].body != fake.requests[1].body
+
+
 def test_identical_anthropic_requests_include_the_system_prompt(
     fake: FakeProvider, clients: Clients
 ) -> None:

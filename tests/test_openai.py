@@ -811,7 +811,7 @@ def broken_sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
                 async def request(self, cast_to, options, *, stream=False, stream_cls=None):
                     return None
 
-                async def _process_response(self, **kwargs):
+                async def _send_request(self, request, **kwargs):
                     return None
             """
         )
@@ -838,8 +838,8 @@ def broken_sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
 
 
 def test_patch_refuses_an_sdk_that_lost_a_hook_point(broken_sdk: str) -> None:
-    missing = f"{broken_sdk}._base_client.SyncAPIClient._process_response"
-    assert missing_hooks(broken_sdk) == [missing]
+    missing = f"{broken_sdk}._base_client.SyncAPIClient._send_request"
+    assert _stainless.missing_hooks(broken_sdk, "_send_request") == [missing]
     with pytest.raises(runguard.InstrumentationError) as info:
         _stainless.patch(broken_sdk, openai_adapter)
     message = str(info.value)
@@ -848,7 +848,7 @@ def test_patch_refuses_an_sdk_that_lost_a_hook_point(broken_sdk: str) -> None:
     base = sys.modules[f"{broken_sdk}._base_client"]
     assert not getattr(base, "_runguard_patched", False)
     # nothing was half-patched
-    assert type(base.SyncAPIClient.__dict__["request"]).__name__ == "function"
+    assert not hasattr(base.SyncAPIClient.__dict__["request"], "runguard_wrapper")
 
 
 def test_patch_names_a_missing_streaming_module(

@@ -39,18 +39,12 @@ class SyncAPIClient(BaseClient):
     def {attempt}(self, *args, **kwargs):
         return None
 
-    def _process_response(self, **kwargs):
-        return None
-
 
 class AsyncAPIClient(BaseClient):
     async def request(self, cast_to, options, *, stream=False, stream_cls=None):
         SENT.append(options)
 
     async def {attempt}(self, *args, **kwargs):
-        return None
-
-    async def _process_response(self, **kwargs):
         return None
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import budgets
 from ._errors import UnknownModelPrice
@@ -23,6 +24,10 @@ DEFAULT_OUTPUT_TOKENS = 4096
 
 log = logging.getLogger("runguard")
 
+#: Builds a named tuple from all its fields at once. A named tuple's own
+#: constructor is a Python function; the records made on every call skip it.
+_new: Any = tuple.__new__
+
 
 class Call(Reservation):
     """What is known about one admitted call; usage fields keep the largest value seen.
@@ -33,6 +38,7 @@ class Call(Reservation):
     """
 
     __slots__ = (
+        "attempting",
         "cache_read_tokens",
         "cache_write_tokens",
         "deferred",
@@ -45,6 +51,7 @@ class Call(Reservation):
         "overrides",
         "pending_tools",
         "rates",
+        "raw",
         "reading",
         "reported",
         "settle_on_body",
@@ -58,7 +65,9 @@ class Call(Reservation):
         rates: Rates | None,
         overrides: tuple[Mapping[str, Rates | str], ...],
     ) -> None:
-        super().__init__(accounts, request)
+        self.accounts = accounts  # Reservation's fields, set here: one call less per LLM call
+        self.request = request
+        self.open = False
         self.rates = rates
         self.overrides = overrides
         self.llm_seconds = 0.0
@@ -76,6 +85,10 @@ class Call(Reservation):
         self.settle_on_body = False
         #: a stream read in progress (its response closes itself when exhausted)
         self.reading = False
+        #: the SDK's raw-response mode, when the caller asked for the HTTP response
+        self.raw: str | None = None
+        #: one of its HTTP attempts is being sent
+        self.attempting = False
         #: the tool calls of the answer, collected only when a loop guard needs them
         wanted = (
             accounts[0].needs_tool_calls
@@ -100,10 +113,15 @@ class Call(Reservation):
         """Record usage the provider reported; ``final`` once the counts are complete."""
         if isinstance(model, str) and model:
             self.model = model
-        self.input_tokens = max(self.input_tokens, input_tokens)
-        self.output_tokens = max(self.output_tokens, output_tokens)
-        self.cache_read_tokens = max(self.cache_read_tokens, cache_read_tokens)
-        self.cache_write_tokens = max(self.cache_write_tokens, cache_write_tokens)
+        # comparisons rather than max(): this runs for every body and event
+        if input_tokens > self.input_tokens:
+            self.input_tokens = input_tokens
+        if output_tokens > self.output_tokens:
+            self.output_tokens = output_tokens
+        if cache_read_tokens > self.cache_read_tokens:
+            self.cache_read_tokens = cache_read_tokens
+        if cache_write_tokens > self.cache_write_tokens:
+            self.cache_write_tokens = cache_write_tokens
         if final:
             self.reported = True
             if self.settle_on_body:
@@ -130,7 +148,7 @@ class Call(Reservation):
             # arguments streamed in pieces; a tool without arguments streams none
             pending = self.pending_tools.values()
             tool_calls.extend(ToolCall.of(name, args or "{}") for name, args in pending)
-        result = CallResult(usage, tuple(tool_calls) if tool_calls else (), self.model)
+        result = _new(CallResult, (usage, tuple(tool_calls) if tool_calls else (), self.model))
         alerts = LEDGER.settle(self, result)
         if self.leases:
             spent = Amounts(usage.calls, usage.input_tokens, usage.output_tokens, usage.cost_usd)
@@ -158,17 +176,24 @@ class Call(Reservation):
             cost = rates.cost(
                 input_tokens, output_tokens, self.cache_read_tokens, self.cache_write_tokens
             )
-        return Usage(
-            1,
-            input_tokens,
-            output_tokens,
-            self.cache_read_tokens,
-            self.cache_write_tokens,
-            cost,
-            self.llm_seconds,
-            1 if estimated else 0,
-            1 if rates is None and (input_tokens or output_tokens) else 0,
+        usage: Usage = _new(
+            Usage,
+            (
+                1,
+                input_tokens,
+                output_tokens,
+                self.cache_read_tokens,
+                self.cache_write_tokens,
+                cost,
+                self.llm_seconds,
+                1 if estimated else 0,
+                1 if rates is None and (input_tokens or output_tokens) else 0,
+                0,
+                0,
+                0,
+            ),
         )
+        return usage
 
 
 def start_call(
@@ -197,23 +222,25 @@ def start_call(
     else:
         worst = rates.cost(input_tokens, output)
     step, role = current_step()
-    # positional: a named tuple built from keywords costs twice as much
-    request = CallRequest(
-        provider,
-        endpoint,
-        model,
-        input_tokens,
-        output,
-        capped,
-        stream,
-        worst,
-        fingerprint,
-        step,
-        role,
+    request = _new(
+        CallRequest,
+        (
+            provider,
+            endpoint,
+            model,
+            input_tokens,
+            output,
+            capped,
+            stream,
+            worst,
+            fingerprint,
+            step,
+            role,
+        ),
     )
     call = Call(accounts, request, rates, overrides)
     LEDGER.admit(call)
-    shared = _budgets(accounts)
+    shared = _budgets(accounts) if len(accounts) > 1 or accounts[0].budgets else None
     if shared:
         try:
             call.leases = budgets.reserve(shared, request, LEDGER.snapshot)
@@ -225,9 +252,6 @@ def start_call(
 
 def _budgets(accounts: tuple[Account, ...]) -> list[tuple[budgets.Budget, Account]]:
     """Every budget listed by a covering RunGuard, once each, innermost first."""
-    if len(accounts) == 1:
-        only = accounts[0]
-        return [(b, only) for b in only.budgets] if only.budgets else []
     found: list[tuple[budgets.Budget, Account]] = []
     for account in accounts:
         for budget in account.budgets:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from ._errors import GuardTripped
 from ._records import ArtifactWrite, Attempt, CallRequest, CallResult, Trip, Usage
 from .alerts import Alert, OnAlert
-from .guards.ceiling import Ceiling
+from .guards._inert import judging
+from .guards.ceiling import Ceiling, checks
 from .steps import Breakdown
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Account:
 
     __slots__ = (
         "admitted_guards",
+        "admitting",
         "alert_at",
         "artifact_bytes",
         "artifact_guards",
@@ -79,6 +81,7 @@ class Account:
         "reserved_output_tokens",
         "rows",
         "serial",
+        "settling",
         "state",
         "trip",
         "unpriced_calls",
@@ -103,6 +106,11 @@ class Account:
         #: (step, role, model) -> that slice's totals, in Usage's field order
         self.rows: dict[tuple[str | None, str | None, str], Sequence[float]] = {}
         self.guards = tuple(guards)
+        #: the guards as admit() and settle() run them: ceilings fused into one
+        #: check, and methods that let every call go left out
+        fused = checks(self.guards)
+        self.admitting = judging(fused, "admit")
+        self.settling = judging(fused, "settled")
         self.prices = prices
         self.needs_price = any(getattr(g, "needs_price", False) for g in self.guards) or any(
             b.needs_price for b in self.budgets
@@ -226,7 +234,7 @@ class Ledger:
             for account in accounts:
                 trip = account.trip
                 if trip is None:
-                    for guard in account.guards:
+                    for guard in account.admitting:
                         trip = guard.admit(request, account)
                         if trip is not None:
                             trip = account.trip = _own(trip, account)
@@ -278,7 +286,7 @@ class Ledger:
                 if account.alert_at:
                     alerts.extend((a, account.on_alert) for a in _crossed(account))
                 if account.trip is None:
-                    for guard in account.guards:
+                    for guard in account.settling:
                         trip = guard.settled(request, result, account)
                         if trip is not None:
                             account.trip = _own(trip, account)

@@ -62,6 +62,8 @@ _BINARY_TYPES = frozenset(
 _SKIP_KEYS = frozenset({"id", "tool_call_id", "call_id", "cache_control", "image_url", "data"})
 
 Counter = Callable[[str], int]
+#: what receives the notes of a walk that also fingerprints (see count_content)
+Note = Callable[[Any], None]
 
 
 def heuristic_tokens(text: str) -> int:
@@ -116,20 +118,28 @@ def _anthropic_tokens(text: str) -> int:
     return round(heuristic_tokens(text) * ANTHROPIC_FACTOR)
 
 
+class _Memo(dict[str, int]):
+    """Counts of strings already seen: agent loops resend the same roles, prompts and history.
+
+    A hit is a plain dict lookup, with no Python frame in between: the walk
+    below looks up every string of the history on every call.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: Counter) -> None:
+        super().__init__()
+        self.count = count
+
+    def __missing__(self, text: str) -> int:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        tokens = self[text] = self.count(text)
+        return tokens
+
+
 def _cached(count: Counter) -> Counter:
-    """Memoise a counter: agent loops resend the same roles, prompts and history."""
-    cache: dict[str, int] = {}
-    lookup = cache.get
-
-    def counted(text: str) -> int:
-        hit = lookup(text)
-        if hit is None:
-            if len(cache) >= _CACHE_LIMIT:
-                cache.clear()
-            hit = cache[text] = count(text)
-        return hit
-
-    return counted
+    return _Memo(count).__getitem__
 
 
 # The encoding files tiktoken downloads, and their published SHA-256: a cached
@@ -215,61 +225,136 @@ def is_exact(provider: str, model: str) -> bool:
     return counter is not _heuristic and counter is not _anthropic
 
 
-def count_content(value: Any, count: Counter) -> int:
+def count_content(value: Any, count: Counter, note: Note | None = None) -> int:
     """Tokens of the text inside a JSON-like request value.
 
     Walks strings, lists and dicts; images, audio and files count
     :data:`IMAGE_TOKENS`; identifiers and cache markers count nothing.
+
+    With ``note`` (a list's ``append``, say), the walk also passes it what it
+    visits (texts, keys, identifiers, where each container starts and ends),
+    so that a hash of what was noted identifies the request's content without
+    walking it a second time (the loop guards' fingerprints).
     """
     # Exact type checks first: request bodies are plain dicts, lists and
     # strings, and this walk runs over the whole history on every call.
     kind = type(value)
     if kind is str:
+        if note is not None:
+            note(value)
         return count(value)
     if kind is dict:
-        return _count_mapping(value, count)
+        return _count_mapping(value, count, note)
     if kind is list or kind is tuple:
+        if note is not None:
+            return _count_sequence(value, count, note)
         total = 0
         for item in value:
             total += count(item) if type(item) is str else count_content(item, count)
         return total
     if value is None or kind is int or kind is float or kind is bool:
+        if note is not None:
+            note(value)
         return 0
     if isinstance(value, str):
+        if note is not None:
+            note(value)
         return count(value)
     if isinstance(value, Mapping):
-        return _count_mapping(value, count)
+        return _count_mapping(value, count, note)
     if isinstance(value, (list, tuple)):
-        return sum(count_content(item, count) for item in value)
+        return _count_sequence(value, count, note)
     dump = getattr(value, "model_dump", None)
     if dump is not None:
-        return count_content(dump(), count)
+        return count_content(dump(), count, note)
+    if note is not None:
+        note(repr(value))
     return 0
 
 
-def _count_mapping(value: Mapping[Any, Any], count: Counter) -> int:
-    if value.get("type") in _BINARY_TYPES:
-        return IMAGE_TOKENS
+#: where a container starts and ends, in the notes
+_MAPPING = object()
+_SEQUENCE = object()
+_END = object()
+
+
+def _count_sequence(value: Any, count: Counter, note: Note | None) -> int:
+    if note is None:
+        return sum(count_content(item, count) for item in value)
+    note(_SEQUENCE)
     total = 0
-    for key, item in value.items():
-        if key in _SKIP_KEYS:
-            continue
-        total += count(item) if type(item) is str else count_content(item, count)
+    for item in value:
+        total += count_content(item, count, note)
+    note(_END)
     return total
 
 
-def count_messages(messages: Any, count: Counter) -> int:
-    """Tokens of a chat history, with the chat format's per-message overhead."""
+def _count_mapping(value: Mapping[Any, Any], count: Counter, note: Note | None) -> int:
+    if value.get("type") in _BINARY_TYPES:
+        if note is not None:
+            note(repr(value))  # the content itself: two images must not look alike
+        return IMAGE_TOKENS
+    total = 0
+    if note is None:
+        for key, item in value.items():
+            if key in _SKIP_KEYS:
+                continue
+            total += count(item) if type(item) is str else count_content(item, count)
+        return total
+    note(_MAPPING)
+    for key, item in value.items():
+        if type(item) is str:
+            note((key, item))
+            if key not in _SKIP_KEYS:
+                total += count(item)
+        elif key in _SKIP_KEYS:
+            note((key, repr(item)))
+        else:
+            note(key)
+            total += count_content(item, count, note)
+    note(_END)
+    return total
+
+
+def count_messages(messages: Any, count: Counter, note: Note | None = None) -> int:
+    """Tokens of a chat history, with the chat format's per-message overhead.
+
+    ``note`` as for :func:`count_content`.
+    """
     if not isinstance(messages, (list, tuple)):
-        return count_content(messages, count)
+        return count_content(messages, count, note)
+    if note is not None:
+        note(_SEQUENCE)
     total = REPLY_TOKENS
     for message in messages:
         if type(message) is dict:
-            total += MESSAGE_TOKENS + _count_mapping(message, count)
+            if note is None and "type" not in message:
+                # _count_mapping inlined for the common case: a chat message
+                total += MESSAGE_TOKENS
+                for key, item in message.items():
+                    if key not in _SKIP_KEYS:
+                        total += count(item) if type(item) is str else count_content(item, count)
+            else:
+                total += MESSAGE_TOKENS + _count_mapping(message, count, note)
             if "name" in message:
                 total += 1
         else:
-            total += MESSAGE_TOKENS + count_content(message, count)
+            total += MESSAGE_TOKENS + count_content(message, count, note)
             if isinstance(message, Mapping) and "name" in message:
                 total += 1
+    if note is not None:
+        note(_END)
+    return total
+
+
+def count_fields(
+    body: Mapping[str, Any], keys: tuple[str, ...], count: Counter, note: Note | None
+) -> int:
+    """Tokens of those of ``keys`` that ``body`` has; ``note`` as for :func:`count_content`."""
+    total = 0
+    for key in keys:
+        if key in body:
+            if note is not None:
+                note(key)
+            total += count_content(body[key], count, note)
     return total

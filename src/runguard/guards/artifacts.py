@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .._errors import ArtifactBudgetExceeded
 from .._records import ArtifactWrite, CallRequest, CallResult, Trip
+from ._inert import inert
 
 if TYPE_CHECKING:
     from .._ledger import Account
@@ -33,9 +34,11 @@ class ArtifactCeiling:
         self.name = f"max_{metric}"
         self.limit = limit
 
+    @inert
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         return None
 
+    @inert
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         return None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from math import inf
+from typing import TYPE_CHECKING, Any
 
 from .._errors import BudgetExceeded
 from .._records import CallRequest, CallResult, Trip
@@ -189,6 +191,85 @@ class _Cost(Ceiling):
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         spent = account.cost_usd
         return None if spent <= self.limit else self._overshoot(request, spent)
+
+
+class Ceilings:
+    """Consecutive ceilings of one RunGuard, checked in one pass.
+
+    The keyword ceilings run on every call; summed and compared inline here,
+    five of them cost one method call instead of five. Only when a sum fails
+    are the members asked, in order, for the trip that words it.
+    """
+
+    __slots__ = ("calls", "cost_usd", "input_tokens", "members", "output_tokens", "total_tokens")
+
+    def __init__(self, members: Sequence[Ceiling]) -> None:
+        self.members = tuple(members)
+
+        def limit(metric: str) -> float:
+            return min((m.limit for m in self.members if m.metric == metric), default=inf)
+
+        self.calls = limit("calls")
+        self.input_tokens = limit("input_tokens")
+        self.output_tokens = limit("output_tokens")
+        self.total_tokens = limit("total_tokens")
+        self.cost_usd = limit("cost_usd")
+
+    def admit(self, request: CallRequest, account: Account) -> Trip | None:
+        # each sum is the one its member's admit() compares, so the verdicts agree
+        if (
+            account.calls + account.reserved_calls + 1 <= self.calls
+            and account.input_tokens + account.reserved_input_tokens + request.input_tokens
+            <= self.input_tokens
+            and account.output_tokens + account.reserved_output_tokens + request.max_output_tokens
+            <= self.output_tokens
+            and account.input_tokens
+            + account.output_tokens
+            + (account.reserved_input_tokens + account.reserved_output_tokens)
+            + (request.input_tokens + request.max_output_tokens)
+            <= self.total_tokens
+            and account.cost_usd + account.reserved_cost_usd + (request.max_cost_usd or 0.0)
+            <= self.cost_usd
+        ):
+            return None
+        for member in self.members:
+            trip = member.admit(request, account)
+            if trip is not None:
+                return trip
+        return None
+
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
+        if (
+            account.calls <= self.calls
+            and account.input_tokens <= self.input_tokens
+            and account.output_tokens <= self.output_tokens
+            and account.input_tokens + account.output_tokens <= self.total_tokens
+            and account.cost_usd <= self.cost_usd
+        ):
+            return None
+        for member in self.members:
+            trip = member.settled(request, result, account)
+            if trip is not None:
+                return trip
+        return None
+
+
+def checks(guards: Sequence[Any]) -> tuple[Any, ...]:
+    """``guards`` as the ledger runs them: each run of two or more ceilings as one."""
+    found: list[Any] = []
+    run: list[Ceiling] = []
+    for guard in (*guards, None):
+        if isinstance(guard, Ceiling):
+            run.append(guard)
+            continue
+        if len(run) > 1:
+            found.append(Ceilings(run))
+        else:
+            found.extend(run)
+        run = []
+        if guard is not None:
+            found.append(guard)
+    return tuple(found)
 
 
 _KINDS: dict[str, type[Ceiling]] = {

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import ContextOverflow
 from .._records import CallRequest, CallResult, Trip
+from ._inert import inert
 
 if TYPE_CHECKING:
     from .._ledger import Account
@@ -41,6 +42,7 @@ class InputTokensPerCall:
             exception=ContextOverflow,
         )
 
+    @inert
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         return None
 

@@ -70,15 +70,18 @@ class WallSeconds:
         self.needs_price = False
 
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
-        return self._check(account, f"before a call to {request.model}")
-
-    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
-        return self._check(account, f"after a call to {request.model}")
-
-    def _check(self, account: Account, when: str) -> Trip | None:
         elapsed = monotonic() - account.entered_at
         if elapsed < self.limit:
             return None
+        return self._trip(elapsed, f"before a call to {request.model}")
+
+    def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
+        elapsed = monotonic() - account.entered_at
+        if elapsed < self.limit:
+            return None
+        return self._trip(elapsed, f"after a call to {request.model}")
+
+    def _trip(self, elapsed: float, when: str) -> Trip:
         return Trip(
             guard=self.name,
             reason=(

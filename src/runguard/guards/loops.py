@@ -10,17 +10,21 @@ different arguments never trip them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Collection, Hashable
 from typing import TYPE_CHECKING
 
 from .._errors import LoopDetected
 from .._records import CallRequest, CallResult, ToolCall, Trip
+from ._inert import inert
 
 if TYPE_CHECKING:
     from .._ledger import Account
 
 #: calls remembered by the loop guards when ``loop_window`` is not given
 DEFAULT_LOOP_WINDOW = 20
+
+
+_NOTHING: frozenset[Hashable] = frozenset()
 
 
 class _Window:
@@ -32,7 +36,7 @@ class _Window:
         self.recent: deque[frozenset[Hashable]] = deque(maxlen=size)
         self.counts: dict[Hashable, int] = {}
 
-    def push(self, keys: Iterable[Hashable]) -> None:
+    def push(self, keys: Collection[Hashable]) -> None:
         counts = self.counts
         recent = self.recent
         if len(recent) == recent.maxlen:
@@ -42,13 +46,17 @@ class _Window:
                     counts[old] = left
                 else:
                     del counts[old]
-        added = frozenset(keys)
+        added = frozenset(keys) if keys else _NOTHING
         recent.append(added)
         for key in added:
             counts[key] = counts.get(key, 0) + 1
 
 
 def _window(guard: object, window: int, account: Account) -> _Window:
+    """The guard's window in ``account``, made on first use.
+
+    The guards look it up in ``account.state`` inline first: this runs on every call.
+    """
     memory = account.state.get(guard)
     if memory is None:
         memory = account.state[guard] = _Window(window)
@@ -75,11 +83,12 @@ class RepeatedToolCalls:
         self.needs_price = False
         self.needs_tool_calls = True
 
+    @inert
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         return None
 
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
-        memory = _window(self, self.window, account)
+        memory = account.state.get(self) or _window(self, self.window, account)
         memory.push(result.tool_calls)
         counts = memory.counts
         for tool_call in result.tool_calls:
@@ -135,7 +144,9 @@ class IdenticalRequests:
         fingerprint = request.fingerprint
         if fingerprint is None:
             return None
-        sent = _window(self, self.window, account).counts.get(fingerprint, 0)
+        sent = (account.state.get(self) or _window(self, self.window, account)).counts.get(
+            fingerprint, 0
+        )
         if sent < self.limit:
             return None
         return Trip(
@@ -155,8 +166,9 @@ class IdenticalRequests:
         # flight at the same time count too
         fingerprint = request.fingerprint
         keys = () if fingerprint is None else (fingerprint,)
-        _window(self, self.window, account).push(keys)
+        (account.state.get(self) or _window(self, self.window, account)).push(keys)
 
+    @inert
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         return None
 

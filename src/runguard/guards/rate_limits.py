@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import RateLimitStorm, UpstreamBudgetExceeded
 from .._records import Attempt, CallRequest, CallResult, Trip
+from ._inert import inert
 
 if TYPE_CHECKING:
     from .._ledger import Account
@@ -37,9 +38,11 @@ class RateLimits:
         self.limit = limit
         self.needs_price = False
 
+    @inert
     def admit(self, request: CallRequest, account: Account) -> Trip | None:
         return None
 
+    @inert
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         return None
 

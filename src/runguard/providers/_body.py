@@ -19,8 +19,11 @@ def body_of(options: Any) -> dict[str, Any] | None:
 
 def billable(options: Any, endpoints: Mapping[str, str]) -> tuple[str, dict[str, Any]] | None:
     """(endpoint, body) of a POST to one of ``endpoints`` (path -> endpoint), else None."""
-    path = path_of(options)
-    endpoint = endpoints.get(path) if path is not None else None
+    method = getattr(options, "method", None)
+    if method != "post" and (not isinstance(method, str) or method.lower() != "post"):
+        return None
+    url = getattr(options, "url", None)
+    endpoint = endpoints.get(url.partition("?")[0]) if isinstance(url, str) else None
     if endpoint is None:
         return None
     body = body_of(options)
@@ -41,23 +44,16 @@ def str_field(body: dict[str, Any], name: str, default: str = "unknown") -> str:
     return value if type(value) is str else default
 
 
-def path_of(options: Any) -> str | None:
-    method = getattr(options, "method", None)
-    if method != "post" and (not isinstance(method, str) or method.lower() != "post"):
-        return None
-    url = getattr(options, "url", None)
-    if not isinstance(url, str):
-        return None
-    return url.partition("?")[0]
-
-
 def as_int(value: Any) -> int:
     return value if type(value) is int else 0
 
 
-def fingerprint(*parts: Any) -> int:
-    """A hash of JSON-like request parts, equal for equal content (in the same key order)."""
-    return hash(_frozen(parts))
+def fingerprint(trace: list[Any], endpoint: str, model: str, extra: Any = None) -> int:
+    """A hash of a request: what its token count's walk noted, and a JSON-like ``extra``.
+
+    Equal for equal content (in the same key order).
+    """
+    return hash((tuple(trace), endpoint, model, None if extra is None else _frozen(extra)))
 
 
 def _frozen(value: Any) -> Any:

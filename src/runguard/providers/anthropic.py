@@ -6,7 +6,7 @@ from typing import Any
 
 from .._call import Call
 from .._records import ToolCall
-from ..tokens import count_content, count_messages, counter_for
+from ..tokens import count_content, count_fields, count_messages, counter_for
 from ._body import as_int, billable, fingerprint, int_field, str_field
 from ._stainless import Plan
 
@@ -29,22 +29,19 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     endpoint, body = found
     model = str_field(body, "model")
     count = counter_for(name, model)
+    # the token count's walk notes what a fingerprint hashes
+    trace: list[Any] = []
+    note = trace.append if want_fingerprint else None
     if endpoint == "messages":
-        tokens = count_messages(body.get("messages"), count)
-        for key in ("system", "tools"):
-            if key in body:
-                tokens += count_content(body[key], count)
+        tokens = count_messages(body.get("messages"), count, note)
+        tokens += count_fields(body, ("system", "tools"), count, note)
         cap = int_field(body, "max_tokens")
     else:
-        tokens = count_content(body.get("prompt"), count)
+        tokens = count_content(body.get("prompt"), count, note)
         cap = int_field(body, "max_tokens_to_sample")
     digest = None
-    if want_fingerprint:
-        digest = fingerprint(
-            endpoint,
-            model,
-            *(body.get(key) for key in ("system", "messages", "prompt", "tools", "tool_choice")),
-        )
+    if note is not None:
+        digest = fingerprint(trace, endpoint, model, body.get("tool_choice"))
     return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from .._call import Call
 from .._records import ToolCall
-from ..tokens import count_content, count_messages, counter_for
-from ._body import as_int, billable, body_of, fingerprint, int_field, str_field
+from ..tokens import Note, count_content, count_fields, count_messages, counter_for
+from ._body import billable, body_of, fingerprint, int_field, str_field
 from ._stainless import Plan
 
 name = "openai"
@@ -39,47 +39,42 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     endpoint, body = found
     model = str_field(body, "model")
     count = counter_for(name, model)
-    stream = body.get("stream") is True
-    copies = max(int_field(body, "n") or 1, int_field(body, "best_of") or 1)
+    # the token count's walk notes what a fingerprint hashes
+    trace: list[Any] = []
+    note = trace.append if want_fingerprint else None
     if endpoint == "chat.completions":
-        tokens = count_messages(body.get("messages"), count)
-        for key in ("tools", "functions", "response_format"):
-            if key in body:
-                tokens += count_content(body[key], count)
+        tokens = count_messages(body.get("messages"), count, note)
+        tokens += count_fields(body, ("tools", "functions", "response_format"), count, note)
         cap = int_field(body, "max_completion_tokens", "max_tokens")
     elif endpoint.startswith("responses"):
-        tokens = count_messages(body.get("input"), count)
-        for key in ("instructions", "tools", "text"):
-            if key in body:
-                tokens += count_content(body[key], count)
+        tokens = count_messages(body.get("input"), count, note)
+        tokens += count_fields(body, ("instructions", "tools", "text"), count, note)
         cap = int_field(body, "max_output_tokens")
     elif endpoint == "completions":
-        tokens = _count_inputs(body.get("prompt"), count)
+        tokens = _count_inputs(body.get("prompt"), count, note)
         cap = int_field(body, "max_tokens") or _LEGACY_DEFAULT_MAX_TOKENS
     else:  # embeddings produce no output tokens
-        tokens = _count_inputs(body.get("input"), count)
+        tokens = _count_inputs(body.get("input"), count, note)
         cap = 0
-    if cap is not None:
-        cap *= copies
+    if cap is not None and ("n" in body or "best_of" in body):
+        cap *= max(int_field(body, "n") or 1, int_field(body, "best_of") or 1)
     digest = None
-    if want_fingerprint:
-        digest = fingerprint(
-            endpoint,
-            model,
-            *(body.get(key) for key in ("messages", "input", "prompt", "instructions")),
-            *(body.get(key) for key in ("tools", "functions", "tool_choice")),
-            *(body.get(key) for key in ("response_format", "text")),
-        )
-    return Plan(endpoint, model, tokens, cap, stream, digest)
+    if note is not None:
+        digest = fingerprint(trace, endpoint, model, body.get("tool_choice"))
+    return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
 
 
-def _count_inputs(value: Any, count: Any) -> int:
+def _count_inputs(value: Any, count: Any, note: Note | None) -> int:
     """Prompts and embedding inputs: text, lists of text, or lists of token ids."""
     if isinstance(value, list) and value and all(type(v) is int for v in value):
+        if note is not None:
+            note(tuple(value))
         return len(value)
     if isinstance(value, list):
-        return sum(_count_inputs(v, count) for v in value)
-    return count_content(value, count)
+        if note is not None:
+            note(len(value))
+        return sum(_count_inputs(v, count, note) for v in value)
+    return count_content(value, count, note)
 
 
 def prepare(options: Any, call: Call) -> Any:
@@ -132,14 +127,24 @@ def read_usage(data: Any, call: Call) -> None:
         return
     # chat completions, legacy completions and embeddings name them prompt/completion;
     # the Responses API, input/output
-    side = "prompt" if "prompt_tokens" in usage else "input"
-    out = "completion" if side == "prompt" else "output"
-    details = usage.get(f"{side}_tokens_details")
+    if "prompt_tokens" in usage:
+        fed, made, details = (
+            usage["prompt_tokens"],
+            usage.get("completion_tokens"),
+            usage.get("prompt_tokens_details"),
+        )
+    else:
+        fed, made, details = (
+            usage.get("input_tokens"),
+            usage.get("output_tokens"),
+            usage.get("input_tokens_details"),
+        )
+    cached = details.get("cached_tokens") if type(details) is dict else 0
     call.observe(
         model,
-        as_int(usage.get(f"{side}_tokens")),
-        as_int(usage.get(f"{out}_tokens")),
-        as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+        fed if type(fed) is int else 0,
+        made if type(made) is int else 0,
+        cached if type(cached) is int else 0,
     )
 
 
