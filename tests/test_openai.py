@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pydantic
 import pytest
 
 import runguard
+from _stand_in import write_stand_in
 from runguard import BudgetExceeded, GuardTripped, Price, RunGuard, UnknownModelPrice
 from runguard.providers import _stainless, missing_hooks
 from runguard.providers import openai as openai_adapter
@@ -791,45 +791,14 @@ def test_installed_openai_has_every_hook_point() -> None:
 def broken_sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A stand-in package shaped like a Stainless SDK whose sync client lost a hook."""
     name = "runguard_broken_sdk"
-    package = tmp_path / name
-    package.mkdir()
-    (package / "__init__.py").write_text('__version__ = "9.9.9"\n')
-    (package / "_base_client.py").write_text(
-        textwrap.dedent(
-            """
-            class BaseClient:
-                def _process_response_data(self, *, data, cast_to, response):
-                    return data
-
-
-            class SyncAPIClient(BaseClient):
-                def request(self, cast_to, options, *, stream=False, stream_cls=None):
-                    return None
-
-
-            class AsyncAPIClient(BaseClient):
-                async def request(self, cast_to, options, *, stream=False, stream_cls=None):
-                    return None
-
-                async def _send_request(self, request, **kwargs):
-                    return None
-            """
-        )
-    )
-    (package / "_streaming.py").write_text(
-        textwrap.dedent(
-            """
-            class Stream:
-                def __stream__(self):
-                    yield from ()
-
-
-            class AsyncStream:
-                async def __stream__(self):
-                    if False:
-                        yield None
-            """
-        )
+    # no eager submodule imports, so a test can take _streaming away
+    write_stand_in(
+        tmp_path,
+        name,
+        "_send_request",
+        ("SyncAPIClient", "_send_request"),
+        version="9.9.9",
+        import_submodules=False,
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name

@@ -18,49 +18,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-BASE_CLIENT = """
-SENT = []
-
-
-class BaseClient:
-    def _process_response_data(self, *, data, cast_to, response):
-        return data
-
-
-class SyncAPIClient(BaseClient):
-    def request(self, cast_to, options, *, stream=False, stream_cls=None):
-        SENT.append(options)  # the stand-in's wire
-
-    def {attempt}(self, *args, **kwargs):
-        return None
-
-
-class AsyncAPIClient(BaseClient):
-    async def request(self, cast_to, options, *, stream=False, stream_cls=None):
-        SENT.append(options)
-
-    async def {attempt}(self, *args, **kwargs):
-        return None
-"""
-
-STREAMING = """
-class Stream:
-    def __stream__(self):
-        yield from ()
-
-
-class AsyncStream:
-    async def __stream__(self):
-        if False:
-            yield None
-"""
-
-ATTEMPT = {"openai": "_send_request", "anthropic": "_attempt_request"}
+from _stand_in import ATTEMPT, write_stand_in
 
 # (sdk, class, method) the stand-in lacks
 BROKEN = [
@@ -121,25 +83,8 @@ print(json.dumps(seen))
 """
 
 
-def write_stand_in(root: Path, sdk: str, cls: str, method: str) -> None:
-    """A package named ``sdk`` with every hook point RunGuard needs but ``cls.method``."""
-    package = root / sdk
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        '__version__ = "0.0.0-moved"\nfrom . import _base_client, _streaming\n'
-    )
-    source = textwrap.dedent(BASE_CLIENT).format(attempt=ATTEMPT[sdk])
-    (package / "_base_client.py").write_text(source + _remove(cls, method))
-    (package / "_streaming.py").write_text(textwrap.dedent(STREAMING))
-
-
-def _remove(cls: str, method: str) -> str:
-    # deleting after the class bodies keeps the stand-in's source one template
-    return f"\n\ndel {cls}.{method}\n"
-
-
 def run_stand_in(tmp_path: Path, sdk: str, cls: str, method: str, order: str) -> dict[str, object]:
-    write_stand_in(tmp_path, sdk, cls, method)
+    write_stand_in(tmp_path, sdk, ATTEMPT[sdk], (cls, method))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, order, sdk],
@@ -155,19 +100,26 @@ def run_stand_in(tmp_path: Path, sdk: str, cls: str, method: str, order: str) ->
     return seen
 
 
+def refusals(seen: dict[str, object], sdk: str, cls: str, method: str) -> list[str]:
+    """The run's refusals, each naming the missing hook; nothing ran or was sent meanwhile."""
+    errors = seen["errors"]
+    assert isinstance(errors, list)
+    for message in errors:
+        assert f"{sdk}._base_client.{cls}.{method}" in message
+    assert seen["body_ran"] is False
+    assert seen["sent"] == 0
+    return errors
+
+
 @pytest.mark.parametrize(("sdk", "cls", "method"), BROKEN)
 def test_entering_a_guard_refuses_an_sdk_already_imported(
     tmp_path: Path, sdk: str, cls: str, method: str
 ) -> None:
     seen = run_stand_in(tmp_path, sdk, cls, method, "imported-first")
-    errors = seen["errors"]
-    assert isinstance(errors, list)
+    errors = refusals(seen, sdk, cls, method)
     assert len(errors) == 2, "each guard entry must refuse, not only the first"
     for message in errors:
-        assert f"{sdk}._base_client.{cls}.{method}" in message
         assert f"{sdk} 0.0.0-moved" in message
-    assert seen["body_ran"] is False
-    assert seen["sent"] == 0
     assert seen["patched"] is False
 
 
@@ -176,12 +128,7 @@ def test_importing_the_sdk_inside_a_guard_refuses_it(
     tmp_path: Path, sdk: str, cls: str, method: str
 ) -> None:
     seen = run_stand_in(tmp_path, sdk, cls, method, "guard-first")
-    errors = seen["errors"]
-    assert isinstance(errors, list)
-    assert len(errors) == 1
-    assert f"{sdk}._base_client.{cls}.{method}" in errors[0]
-    assert seen["body_ran"] is False
-    assert seen["sent"] == 0
+    assert len(refusals(seen, sdk, cls, method)) == 1
 
 
 @pytest.mark.parametrize(("sdk", "cls", "method"), BROKEN[:1] + BROKEN[4:5])
@@ -189,11 +136,6 @@ def test_instrument_before_import_refuses_the_sdk_at_import_and_after(
     tmp_path: Path, sdk: str, cls: str, method: str
 ) -> None:
     seen = run_stand_in(tmp_path, sdk, cls, method, "instrument-first")
-    errors = seen["errors"]
-    assert isinstance(errors, list)
+    errors = refusals(seen, sdk, cls, method)
     assert len(errors) >= 2, "only the first import refused the broken SDK"
-    for message in errors:
-        assert f"{sdk}._base_client.{cls}.{method}" in message
-    assert seen["body_ran"] is False
-    assert seen["sent"] == 0
     assert seen["patched"] is False
