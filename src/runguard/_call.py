@@ -65,9 +65,7 @@ class Call(Reservation):
         rates: Rates | None,
         overrides: tuple[Mapping[str, Rates | str], ...],
     ) -> None:
-        self.accounts = accounts  # Reservation's fields, set here: one call less per LLM call
-        self.request = request
-        self.open = False
+        super().__init__(accounts, request)
         self.rates = rates
         self.overrides = overrides
         self.llm_seconds = 0.0

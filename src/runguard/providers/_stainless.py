@@ -208,7 +208,7 @@ def _begin(
     adapter: Adapter, accounts: tuple[Account, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Call | None:
     """Admit the call in every active guard (raising if refused), or None if not billable."""
-    options = args[1] if len(args) > 1 else kwargs.get("options")
+    options = _options(args, kwargs)
     if len(accounts) == 1:
         fingerprint = accounts[0].needs_fingerprint
     else:

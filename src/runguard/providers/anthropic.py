@@ -30,8 +30,8 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     model = str_field(body, "model")
     count = counter_for(name, model)
     # the token count's walk notes what a fingerprint hashes
-    trace: list[Any] = []
-    note = trace.append if want_fingerprint else None
+    trace: list[Any] | None = [] if want_fingerprint else None
+    note = None if trace is None else trace.append
     if endpoint == "messages":
         tokens = count_messages(body.get("messages"), count, note)
         tokens += count_fields(body, ("system", "tools"), count, note)
@@ -40,7 +40,7 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
         tokens = count_content(body.get("prompt"), count, note)
         cap = int_field(body, "max_tokens_to_sample")
     digest = None
-    if note is not None:
+    if trace is not None:
         digest = fingerprint(trace, endpoint, model, body.get("tool_choice"))
     return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
 

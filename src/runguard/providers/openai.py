@@ -8,7 +8,7 @@ from typing import Any
 from .._call import Call
 from .._records import ToolCall
 from ..tokens import Note, count_content, count_fields, count_messages, counter_for
-from ._body import billable, body_of, fingerprint, int_field, str_field
+from ._body import as_int, billable, body_of, fingerprint, int_field, str_field
 from ._stainless import Plan
 
 name = "openai"
@@ -40,8 +40,8 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     model = str_field(body, "model")
     count = counter_for(name, model)
     # the token count's walk notes what a fingerprint hashes
-    trace: list[Any] = []
-    note = trace.append if want_fingerprint else None
+    trace: list[Any] | None = [] if want_fingerprint else None
+    note = None if trace is None else trace.append
     if endpoint == "chat.completions":
         tokens = count_messages(body.get("messages"), count, note)
         tokens += count_fields(body, ("tools", "functions", "response_format"), count, note)
@@ -59,7 +59,7 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     if cap is not None and ("n" in body or "best_of" in body):
         cap *= max(int_field(body, "n") or 1, int_field(body, "best_of") or 1)
     digest = None
-    if note is not None:
+    if trace is not None:
         digest = fingerprint(trace, endpoint, model, body.get("tool_choice"))
     return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
 
@@ -139,12 +139,11 @@ def read_usage(data: Any, call: Call) -> None:
             usage.get("output_tokens"),
             usage.get("input_tokens_details"),
         )
-    cached = details.get("cached_tokens") if type(details) is dict else 0
     call.observe(
         model,
-        fed if type(fed) is int else 0,
-        made if type(made) is int else 0,
-        cached if type(cached) is int else 0,
+        as_int(fed),
+        as_int(made),
+        as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
     )
 
 
