@@ -73,13 +73,17 @@ bench: $(VENV)/.dev
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
 
-# The provider tests against the oldest and the newest supported SDKs (docs/sdk-versions.md),
-# each pair in its own virtualenv with runguard and no dev extras. A stamp per venv keeps
-# re-runs to the tests alone; changing a pin (or pyproject.toml) reinstalls that venv.
+# The provider tests against supported SDKs (docs/sdk-versions.md): the oldest, the first
+# with a per-attempt method (RunGuard hooks them differently), and the newest, each pair in
+# its own virtualenv with runguard and no dev extras. A stamp per venv keeps re-runs to the
+# tests alone; changing a pin (or pyproject.toml) reinstalls that venv.
 # Do not run two of these at once in one checkout: they share .venv-matrix/.
 .PHONY: test-matrix
 MATRIX_DIR       := .venv-matrix
-MATRIX_OLDEST    := openai==3.14.1 anthropic==0.108.0
+MATRIX_LEGS      := oldest boundary newest
+# openai before 1.55.3 builds its default client with an argument httpx 0.28 removed
+MATRIX_OLDEST    := openai==1.40.0 anthropic==0.40.0 'httpx<0.28'
+MATRIX_BOUNDARY  := openai==2.31.0 anthropic==0.108.0
 MATRIX_NEWEST    := openai==3.57.0 anthropic==2.15.0
 MATRIX_TOOLS     := 'pytest>=8' 'pytest-asyncio>=0.23' 'pytest-timeout>=2.3' 'hypothesis>=6.100'
 MATRIX_TESTS     := tests/test_openai.py tests/test_anthropic.py tests/test_streams.py \
@@ -104,8 +108,8 @@ $(MATRIX_DIR)/%/.stamp: pyproject.toml $(MATRIX_DIR)/%.pins
 .PRECIOUS: $(MATRIX_DIR)/%.pins
 FORCE:
 
-test-matrix: $(MATRIX_DIR)/oldest/.stamp $(MATRIX_DIR)/newest/.stamp
-	@for name in oldest newest; do \
+test-matrix: $(foreach leg,$(MATRIX_LEGS),$(MATRIX_DIR)/$(leg)/.stamp)
+	@for name in $(MATRIX_LEGS); do \
 	  echo "== test-matrix $$name: $$($(MATRIX_DIR)/$$name/bin/pip list 2>/dev/null \
 	    | grep -E '^(openai|anthropic) ' | tr -s ' ' | paste -sd ' ')"; \
 	  $(MATRIX_DIR)/$$name/bin/python -m pytest -q -p no:cacheprovider $(MATRIX_TESTS) || exit 1; \

@@ -17,7 +17,7 @@ SENT = []
 class BaseClient:
     def _process_response_data(self, *, data, cast_to, response):
         return data
-
+{answers}
 
 class SyncAPIClient(BaseClient):
     def request(self, cast_to, options, *, stream=False, stream_cls=None):
@@ -26,12 +26,30 @@ class SyncAPIClient(BaseClient):
     def {attempt}(self, *args, **kwargs):
         return None
 
+    def _process_response(self, **kwargs):
+        return None
+
 
 class AsyncAPIClient(BaseClient):
     async def request(self, cast_to, options, *, stream=False, stream_cls=None):
         SENT.append(options)
 
     async def {attempt}(self, *args, **kwargs):
+        return None
+
+    async def _process_response(self, **kwargs):
+        return None
+"""
+
+#: what an SDK without a per-attempt method has instead (openai before 2.31)
+ANSWERS = """
+    def _build_request(self, options):
+        return None
+
+    def _should_retry(self, response):
+        return False
+
+    def _make_status_error_from_response(self, response):
         return None
 """
 
@@ -55,22 +73,27 @@ def write_stand_in(
     root: Path,
     name: str,
     attempt: str,
-    missing: tuple[str, str],
+    *missing: tuple[str, str],
     version: str = "0.0.0-moved",
     import_submodules: bool = True,
+    answers: bool = False,
 ) -> Path:
     """Write package ``name`` under ``root``: every hook point but ``missing`` (class, method).
 
-    ``attempt`` names its per-attempt method; with ``import_submodules`` the
-    package imports its ``_base_client`` and ``_streaming``, as the SDKs do.
+    ``attempt`` names its per-attempt method; with ``answers`` the package also
+    has the methods RunGuard hooks when that one is missing. With
+    ``import_submodules`` it imports its ``_base_client`` and ``_streaming``,
+    as the SDKs do.
     """
     package = root / name
     package.mkdir()
     imports = "from . import _base_client, _streaming\n" if import_submodules else ""
     (package / "__init__.py").write_text(f'__version__ = "{version}"\n{imports}')
-    source = textwrap.dedent(BASE_CLIENT).format(attempt=attempt)
+    source = textwrap.dedent(BASE_CLIENT).format(
+        attempt=attempt, answers=ANSWERS if answers else ""
+    )
     # deleting after the class bodies keeps the stand-in's source one template
-    cls, method = missing
-    (package / "_base_client.py").write_text(f"{source}\n\ndel {cls}.{method}\n")
+    deletions = "".join(f"del {cls}.{method}\n" for cls, method in missing)
+    (package / "_base_client.py").write_text(f"{source}\n\n{deletions}")
     (package / "_streaming.py").write_text(textwrap.dedent(STREAMING))
     return package

@@ -19,6 +19,7 @@ import pydantic
 import pytest
 
 import runguard
+from _sdk import surface
 from runguard import BudgetExceeded, GuardTripped, RunGuard, UnknownModelPrice
 from runguard.providers import missing_hooks
 from runguard.testing import FakeProvider, Reply
@@ -171,12 +172,9 @@ def test_stream_helper_final_message_without_iterating_is_counted_once(
 
 
 def test_parse_is_counted_once(fake: FakeProvider, client: anthropic.Anthropic) -> None:
-    if not hasattr(client.messages, "parse"):
-        pytest.skip(f"anthropic {anthropic.__version__} has no messages.parse")
+    parse = surface(client, "messages.parse")
     with RunGuard() as guard:
-        parsed = client.messages.parse(
-            model=MODEL, messages=MESSAGES, max_tokens=100, output_format=Answer
-        )
+        parsed = parse(model=MODEL, messages=MESSAGES, max_tokens=100, output_format=Answer)
     assert parsed.parsed_output == Answer(answer="hello")
     assert [r.path for r in fake.requests] == ["/v1/messages"]
     assert_exact(guard.usage)
@@ -185,12 +183,9 @@ def test_parse_is_counted_once(fake: FakeProvider, client: anthropic.Anthropic) 
 async def test_async_parse_is_counted_once(
     fake: FakeProvider, aclient: anthropic.AsyncAnthropic
 ) -> None:
-    if not hasattr(aclient.messages, "parse"):
-        pytest.skip(f"anthropic {anthropic.__version__} has no messages.parse")
+    parse = surface(aclient, "messages.parse")
     with RunGuard() as guard:
-        await aclient.messages.parse(
-            model=MODEL, messages=MESSAGES, max_tokens=100, output_format=Answer
-        )
+        await parse(model=MODEL, messages=MESSAGES, max_tokens=100, output_format=Answer)
     assert fake.wire_count == 1
     assert_exact(guard.usage)
 
@@ -217,9 +212,10 @@ async def test_async_beta_create_is_counted_once(
 def test_beta_stream_helper_is_counted_once(
     fake: FakeProvider, client: anthropic.Anthropic
 ) -> None:
+    beta_stream = surface(client, "beta.messages.stream")
     with (
         RunGuard() as guard,
-        client.beta.messages.stream(model=MODEL, messages=MESSAGES, max_tokens=100) as stream,
+        beta_stream(model=MODEL, messages=MESSAGES, max_tokens=100) as stream,
     ):
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -232,10 +228,9 @@ def test_beta_stream_helper_is_counted_once(
 async def test_async_beta_stream_helper_is_counted_once(
     fake: FakeProvider, aclient: anthropic.AsyncAnthropic
 ) -> None:
+    beta_stream = surface(aclient, "beta.messages.stream")
     with RunGuard() as guard:
-        async with aclient.beta.messages.stream(
-            model=MODEL, messages=MESSAGES, max_tokens=100
-        ) as stream:
+        async with beta_stream(model=MODEL, messages=MESSAGES, max_tokens=100) as stream:
             await stream.get_final_message()
     assert fake.wire_count == 1
     assert_exact(guard.usage)
@@ -304,9 +299,7 @@ def test_streaming_response_parse_is_counted_once(
 def test_legacy_completions_are_counted_once(
     fake: FakeProvider, client: anthropic.Anthropic
 ) -> None:
-    completions = getattr(client, "completions", None)
-    if completions is None:
-        pytest.skip(f"anthropic {anthropic.__version__} has no legacy completions")
+    completions = surface(client, "completions")
     with RunGuard() as guard:
         completions.create(
             model="claude-2.1", prompt="\n\nHuman: hi\n\nAssistant:", max_tokens_to_sample=50
@@ -480,12 +473,14 @@ async def test_tripped_guard_refuses_everything_at_once(
 def test_count_tokens_and_model_list_pass_a_tripped_guard_uncounted(
     fake: FakeProvider, client: anthropic.Anthropic
 ) -> None:
+    count_tokens = surface(client, "messages.count_tokens")
+    list_models = surface(client, "models.list")
     with RunGuard(max_calls=1, raise_on_exit=False) as guard:
         create(client)
         with pytest.raises(BudgetExceeded):
             create(client)
-        counted = client.messages.count_tokens(model=MODEL, messages=MESSAGES)
-        client.models.list()
+        counted = count_tokens(model=MODEL, messages=MESSAGES)
+        list_models()
     assert counted.input_tokens == REPLY.input_tokens
     assert [(r.method, r.path) for r in fake.requests] == [
         ("POST", "/v1/messages"),
@@ -498,9 +493,10 @@ def test_count_tokens_and_model_list_pass_a_tripped_guard_uncounted(
 async def test_async_count_tokens_is_not_an_llm_call(
     fake: FakeProvider, aclient: anthropic.AsyncAnthropic
 ) -> None:
+    count_tokens = surface(aclient, "messages.count_tokens")
     with RunGuard(max_calls=1) as guard:
-        await aclient.messages.count_tokens(model=MODEL, messages=MESSAGES)
-        await aclient.messages.count_tokens(model=MODEL, messages=MESSAGES)
+        await count_tokens(model=MODEL, messages=MESSAGES)
+        await count_tokens(model=MODEL, messages=MESSAGES)
     assert fake.count("/v1/messages/count_tokens") == 2
     assert guard.usage == runguard.Usage()
 
@@ -585,8 +581,8 @@ kwargs = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": []}
 with RunGuard(max_calls=3, raise_on_exit=False) as guard:
     messages.create(**kwargs)
     raw.create(**kwargs)
-    with beta.stream(**kwargs) as stream:
-        stream.get_final_message()
+    for _ in beta.create(**kwargs, stream=True):  # a beta stream every anthropic SDK has
+        pass
     try:
         messages.create(**kwargs)
     except BudgetExceeded:

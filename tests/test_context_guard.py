@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+import _sdk
 from runguard import ContextOverflow, GuardTripped, RunGuard, guarded
 from runguard.testing import FakeProvider, Reply
 
@@ -83,18 +84,18 @@ def chat_stream(c: Clients, text: str) -> None:
 
 
 def chat_stream_helper(c: Clients, text: str) -> None:
-    with c.openai.chat.completions.stream(
-        model=MODEL, messages=user(text), max_tokens=16
-    ) as stream:
+    helper = _sdk.chat_helper(c.openai)
+    with helper(model=MODEL, messages=user(text), max_tokens=16) as stream:
         stream.get_final_completion()
 
 
 def responses_create(c: Clients, text: str) -> None:
-    c.openai.responses.create(model=MODEL, input=text, max_output_tokens=16)
+    _sdk.surface(c.openai, "responses").create(model=MODEL, input=text, max_output_tokens=16)
 
 
 def responses_stream(c: Clients, text: str) -> None:
-    for _ in c.openai.responses.create(model=MODEL, input=text, max_output_tokens=16, stream=True):
+    responses = _sdk.surface(c.openai, "responses")
+    for _ in responses.create(model=MODEL, input=text, max_output_tokens=16, stream=True):
         pass
 
 
@@ -127,7 +128,8 @@ async def achat_stream(c: Clients, text: str) -> None:
 
 
 async def aresponses_create(c: Clients, text: str) -> None:
-    await c.async_openai.responses.create(model=MODEL, input=text, max_output_tokens=16)
+    responses = _sdk.surface(c.async_openai, "responses")
+    await responses.create(model=MODEL, input=text, max_output_tokens=16)
 
 
 async def aanthropic_create(c: Clients, text: str) -> None:
@@ -278,7 +280,7 @@ SENDS_WITH_BIG_PARTS = {
     "anthropic-system": lambda c: c.anthropic.messages.create(
         model=CLAUDE, max_tokens=16, system=BIG_TEXT, messages=user("hi")
     ),
-    "responses-instructions": lambda c: c.openai.responses.create(
+    "responses-instructions": lambda c: _sdk.surface(c.openai, "responses").create(
         model=MODEL, instructions=BIG_TEXT, input="hi"
     ),
     "chat-tool-result": lambda c: c.openai.chat.completions.create(
@@ -334,8 +336,9 @@ def test_counting_tokens_of_a_large_history_is_not_an_llm_call(
     fake: FakeProvider, clients: Clients
 ) -> None:
     # an agent asking how big its history is, to decide to summarise, must be let through
+    count_tokens = _sdk.surface(clients.anthropic, "messages.count_tokens")
     with RunGuard(max_input_tokens_per_call=LIMIT) as guard:
-        counted = clients.anthropic.messages.count_tokens(model=CLAUDE, messages=user(BIG_TEXT))
+        counted = count_tokens(model=CLAUDE, messages=user(BIG_TEXT))
     assert counted.input_tokens == 50
     assert fake.count("/v1/messages/count_tokens") == 1
     assert not guard.tripped

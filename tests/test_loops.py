@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+import _sdk
 from runguard import GuardTripped, LoopDetected, RunGuard, ToolCall, guarded
 from runguard.guards import RepeatedToolCalls
 from runguard.testing import FakeProvider, Reply, WireRequest
@@ -129,7 +130,8 @@ def chat_stream(c: Clients) -> ToolCalls:
 
 
 def chat_stream_helper(c: Clients) -> ToolCalls:
-    with c.openai.chat.completions.stream(model=MODEL, messages=MESSAGES, tools=TOOLS) as stream:
+    helper = _sdk.chat_helper(c.openai)
+    with helper(model=MODEL, messages=MESSAGES, tools=TOOLS) as stream:
         for _ in stream:
             pass
         final = stream.get_final_completion()
@@ -137,11 +139,13 @@ def chat_stream_helper(c: Clients) -> ToolCalls:
 
 
 def responses_create(c: Clients) -> ToolCalls:
-    return _responses_tool_calls(c.openai.responses.create(model=MODEL, input="find x").output)
+    answer = _sdk.surface(c.openai, "responses").create(model=MODEL, input="find x")
+    return _responses_tool_calls(answer.output)
 
 
 def responses_stream(c: Clients) -> ToolCalls:
-    events = list(c.openai.responses.create(model=MODEL, input="find x", stream=True))
+    responses = _sdk.surface(c.openai, "responses")
+    events = list(responses.create(model=MODEL, input="find x", stream=True))
     return _responses_tool_calls(_completed_output(events))
 
 
@@ -210,10 +214,9 @@ async def achat_stream(c: Clients) -> ToolCalls:
 
 
 async def achat_stream_helper(c: Clients) -> ToolCalls:
+    helper = _sdk.chat_helper(c.async_openai)
     try:
-        manager = c.async_openai.chat.completions.stream(
-            model=MODEL, messages=MESSAGES, tools=TOOLS
-        )
+        manager = helper(model=MODEL, messages=MESSAGES, tools=TOOLS)
     except ValueError as refused:  # some SDKs' async helper auto-parses only strict tools
         pytest.skip(f"this openai's async stream helper refuses non-strict tools: {refused}")
     async with manager as stream:
@@ -224,12 +227,14 @@ async def achat_stream_helper(c: Clients) -> ToolCalls:
 
 
 async def aresponses_create(c: Clients) -> ToolCalls:
-    answer = await c.async_openai.responses.create(model=MODEL, input="find x")
+    responses = _sdk.surface(c.async_openai, "responses")
+    answer = await responses.create(model=MODEL, input="find x")
     return _responses_tool_calls(answer.output)
 
 
 async def aresponses_stream(c: Clients) -> ToolCalls:
-    stream = await c.async_openai.responses.create(model=MODEL, input="find x", stream=True)
+    responses = _sdk.surface(c.async_openai, "responses")
+    stream = await responses.create(model=MODEL, input="find x", stream=True)
     return _responses_tool_calls(_completed_output([event async for event in stream]))
 
 
@@ -378,17 +383,16 @@ def test_stream_and_plain_calls_across_providers_count_together(
 ) -> None:
     # OpenAI sends the arguments as the text '{"q": "x"}', Anthropic as an object:
     # both are the same tool call.
-    sequence = [chat_stream, anthropic_create, responses_stream, anthropic_stream_helper]
+    sequence = [(chat_stream, "/v1/chat/completions"), (anthropic_create, "/v1/messages")]
+    if _sdk.has(clients.openai, "responses"):  # only the calls this SDK can make
+        sequence.append((responses_stream, "/v1/responses"))
+    sequence.append((anthropic_stream_helper, "/v1/messages"))
     answers: list[ToolCalls] = []
     with pytest.raises(LoopDetected) as info, RunGuard(max_repeated_tool_calls=3):
-        for surface in sequence:
-            answers.append(surface(clients))
+        for call, _ in sequence:
+            answers.append(call(clients))
     assert answers == [[SEARCH]] * 3
-    assert [r.path for r in fake.requests] == [
-        "/v1/chat/completions",
-        "/v1/messages",
-        "/v1/responses",
-    ]
+    assert [r.path for r in fake.requests] == [path for _, path in sequence[:3]]
     assert_repeated_tool_trip(info.value, limit=3)
 
 
@@ -752,7 +756,7 @@ VARIATIONS = {
     "tools": lambda c: ask(c, tools=[*TOOLS, {**TOOLS[0], "function": {"name": "fetch"}}]),
     "no-tools": lambda c: ask(c),
     "model": lambda c: ask(c, tools=TOOLS, model="gpt-4o"),
-    "endpoint": lambda c: c.responses.create(model=MODEL, input=MESSAGES),
+    "endpoint": lambda c: _sdk.surface(c, "responses").create(model=MODEL, input=MESSAGES),
 }
 
 
@@ -852,12 +856,13 @@ async def test_identical_async_anthropic_streams_are_refused(
 
 
 def test_identical_responses_requests_compare_the_input(fake: FakeProvider, client: Any) -> None:
+    responses = _sdk.surface(client, "responses")
     with pytest.raises(LoopDetected), RunGuard(max_identical_requests=2):
-        client.responses.create(model=MODEL, input="find x", temperature=0.1)
-        client.responses.create(model=MODEL, input="find x", temperature=0.7)
-        client.responses.create(model=MODEL, input="find y")
-        client.responses.create(model=MODEL, input="find x", instructions="be brief")
-        client.responses.create(model=MODEL, input="find x")
+        responses.create(model=MODEL, input="find x", temperature=0.1)
+        responses.create(model=MODEL, input="find x", temperature=0.7)
+        responses.create(model=MODEL, input="find y")
+        responses.create(model=MODEL, input="find x", instructions="be brief")
+        responses.create(model=MODEL, input="find x")
     assert [r.body["input"] for r in fake.requests] == ["find x", "find x", "find y", "find x"]
 
 

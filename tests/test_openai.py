@@ -22,6 +22,7 @@ import pydantic
 import pytest
 
 import runguard
+from _sdk import accepts, chat_helper, has, surface
 from _stand_in import write_stand_in
 from runguard import BudgetExceeded, GuardTripped, Price, RunGuard, UnknownModelPrice
 from runguard.providers import _stainless, missing_hooks
@@ -122,15 +123,17 @@ def _chat_create(c: Any) -> Any:
 
 
 def _chat_parse(c: Any) -> Any:
-    return c.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Answer)
+    parse = surface(c, "chat.completions.parse")
+    return parse(model=MODEL, messages=MESSAGES, response_format=Answer)
 
 
 def _responses_create(c: Any) -> Any:
-    return c.responses.create(model=MODEL, input="Say hello as JSON")
+    return surface(c, "responses").create(model=MODEL, input="Say hello as JSON")
 
 
 def _responses_parse(c: Any) -> Any:
-    return c.responses.parse(model=MODEL, input="Say hello as JSON", text_format=Answer)
+    parse = surface(c, "responses.parse")
+    return parse(model=MODEL, input="Say hello as JSON", text_format=Answer)
 
 
 def _legacy_completion(c: Any) -> Any:
@@ -183,35 +186,35 @@ async def test_async_surface_is_counted_once_with_exact_usage(
 
 
 def test_parse_still_returns_the_parsed_model(client: openai.OpenAI) -> None:
+    chat_parse = surface(client, "chat.completions.parse")
+    responses_parse = surface(client, "responses.parse")
     with RunGuard():
-        completion = client.chat.completions.parse(
-            model=MODEL, messages=MESSAGES, response_format=Answer
-        )
-        response = client.responses.parse(model=MODEL, input="hi", text_format=Answer)
+        completion = chat_parse(model=MODEL, messages=MESSAGES, response_format=Answer)
+        response = responses_parse(model=MODEL, input="hi", text_format=Answer)
     assert completion.choices[0].message.parsed == Answer(answer="hello")
     assert response.output_parsed == Answer(answer="hello")
 
 
 def test_beta_chat_completions_is_counted_once(fake: FakeProvider, client: openai.OpenAI) -> None:
-    beta_chat = getattr(client.beta, "chat", None)
-    if beta_chat is None:
-        pytest.skip(f"openai {openai.__version__} has no client.beta.chat")
+    parse = surface(client, "beta.chat.completions.parse")
+    sent = 0
     with RunGuard() as guard:
-        beta_chat.completions.create(model=MODEL, messages=MESSAGES)
-        beta_chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=Answer)
-    assert fake.count("/chat/completions") == fake.wire_count == 2
-    assert guard.usage.calls == 2
-    assert guard.usage.input_tokens == 2 * REPLY.input_tokens
-    assert guard.usage.output_tokens == 2 * REPLY.output_tokens
+        if has(client, "beta.chat.completions.create"):  # some SDKs' beta chat only parses
+            client.beta.chat.completions.create(model=MODEL, messages=MESSAGES)
+            sent += 1
+        parse(model=MODEL, messages=MESSAGES, response_format=Answer)
+        sent += 1
+    assert fake.count("/chat/completions") == fake.wire_count == sent
+    assert guard.usage.calls == sent
+    assert guard.usage.input_tokens == sent * REPLY.input_tokens
+    assert guard.usage.output_tokens == sent * REPLY.output_tokens
     assert guard.usage.estimated_calls == 0
 
 
 async def test_beta_responses_is_counted_once(
     fake: FakeProvider, aclient: openai.AsyncOpenAI
 ) -> None:
-    beta_responses = getattr(aclient.beta, "responses", None)
-    if beta_responses is None:
-        pytest.skip(f"openai {openai.__version__} has no client.beta.responses")
+    beta_responses = surface(aclient, "beta.responses")
     with RunGuard() as guard:
         await beta_responses.create(model=MODEL, input="hi")
     assert [r.path for r in fake.requests] == ["/v1/responses"]
@@ -247,9 +250,10 @@ def test_raw_response_parsed_twice_is_counted_once(
 async def test_async_raw_response_parsed_or_not_is_counted_once_each(
     fake: FakeProvider, aclient: openai.AsyncOpenAI
 ) -> None:
+    responses = surface(aclient, "responses")
     with RunGuard() as guard:
         await aclient.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
-        raw = await aclient.responses.with_raw_response.create(model=MODEL, input="hi")
+        raw = await responses.with_raw_response.create(model=MODEL, input="hi")
         # the legacy raw wrapper parses synchronously, even on the async client
         raw.parse()
         raw.parse()
@@ -491,15 +495,17 @@ def test_output_reservation_is_the_cap_times_n(fake: FakeProvider, client: opena
 
 
 def test_max_completion_tokens_is_the_cap(fake: FakeProvider, client: openai.OpenAI) -> None:
+    create = accepts(client.chat.completions.create, "max_completion_tokens")
     with pytest.raises(BudgetExceeded) as info, RunGuard(max_output_tokens=250):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=260)
+        create(model=MODEL, messages=MESSAGES, max_completion_tokens=260)
     assert fake.wire_count == 0
     assert info.value.trip.observed == 260
 
 
 def test_responses_max_output_tokens_is_the_cap(fake: FakeProvider, client: openai.OpenAI) -> None:
+    responses = surface(client, "responses")
     with pytest.raises(BudgetExceeded) as info, RunGuard(max_output_tokens=250):
-        client.responses.create(model=MODEL, input="hi", max_output_tokens=300)
+        responses.create(model=MODEL, input="hi", max_output_tokens=300)
     assert fake.wire_count == 0
     assert info.value.trip.observed == 300
 
@@ -620,9 +626,12 @@ async def test_tripped_guard_refuses_everything_at_once(
             lambda: client.chat.completions.create(
                 model=MODEL, messages=MESSAGES, max_tokens=1, stream=True
             ),
-            lambda: client.responses.create(model=MODEL, input="hi", max_output_tokens=1),
-            lambda: client.embeddings.create(model=EMBED_MODEL, input="hi"),
         ]
+        if has(client, "responses"):  # only the calls this SDK can make
+            attempts.append(
+                lambda: client.responses.create(model=MODEL, input="hi", max_output_tokens=1)
+            )
+        attempts.append(lambda: client.embeddings.create(model=EMBED_MODEL, input="hi"))
         for attempt in attempts:
             with pytest.raises(BudgetExceeded) as info:
                 attempt()
@@ -630,12 +639,11 @@ async def test_tripped_guard_refuses_everything_at_once(
         with pytest.raises(BudgetExceeded) as info:
             await aclient.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
         refused.append(info.value)
-        with pytest.raises(BudgetExceeded) as info:
-            async with aclient.chat.completions.stream(
-                model=MODEL, messages=MESSAGES, max_tokens=1
-            ):
-                pass
-        refused.append(info.value)
+        if has(aclient, "chat.completions.stream") or has(aclient, "beta.chat.completions.stream"):
+            with pytest.raises(BudgetExceeded) as info:
+                async with chat_helper(aclient)(model=MODEL, messages=MESSAGES, max_tokens=1):
+                    pass
+            refused.append(info.value)
     assert fake.wire_count == 0
     assert all(exc.trip == first.value.trip for exc in refused)
     assert guard.usage.calls == 0
@@ -697,14 +705,14 @@ def test_non_billable_calls_pass_a_tripped_guard_uncounted(
             client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20)
         assert guard.tripped
         client.models.list()
-        client.responses.input_tokens.count(model=MODEL, input="hi")
+        expected = [("GET", "/v1/models")]
+        if has(client, "responses.input_tokens.count"):  # only if this SDK can count them
+            client.responses.input_tokens.count(model=MODEL, input="hi")
+            expected.append(("POST", "/v1/responses/input_tokens"))
         # embeddings are billable: refused like any LLM call
         with pytest.raises(BudgetExceeded):
             client.embeddings.create(model=EMBED_MODEL, input="hi")
-    assert [(r.method, r.path) for r in fake.requests] == [
-        ("GET", "/v1/models"),
-        ("POST", "/v1/responses/input_tokens"),
-    ]
+    assert [(r.method, r.path) for r in fake.requests] == expected
     assert guard.usage.calls == 0
 
 
@@ -855,7 +863,7 @@ client = fake.openai(max_retries=0)
 aclient = fake.async_openai(max_retries=0)
 completions = client.chat.completions
 raw = client.chat.completions.with_raw_response
-responses = client.responses
+legacy = client.completions  # another resource, one every openai SDK has
 assert not getattr(openai._base_client, "_runguard_patched", False), "patched too early"
 
 import asyncio
@@ -865,7 +873,7 @@ from runguard import BudgetExceeded, RunGuard
 with RunGuard(max_calls=4, raise_on_exit=False) as guard:
     completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     raw.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
-    responses.create(model="gpt-4o", input="x")
+    legacy.create(model="gpt-3.5-turbo-instruct", prompt="x")
     asyncio.run(aclient.chat.completions.create(model="gpt-4o", messages=[]))
     try:
         completions.create(model="gpt-4o", messages=[])

@@ -1,8 +1,8 @@
 """429 storms and upstream budget refusals over the real ``openai`` and ``anthropic`` SDKs.
 
 Ground truth is what reached the fake wire: ``fake.wire_count``, ``fake.requests``
-(the SDKs number their own retries in ``x-stainless-retry-count``, so the requests
-with count 0 are the logical calls), and the statuses the fake answered (the
+(each logical call carries its own number in ``x-test-call``, which the SDK's
+retries repeat), and the statuses the fake answered (the
 scripted replies, or a :class:`Cycle` responder that records each answer). The
 guards' own counters are compared with that, never used as the reference.
 """
@@ -31,6 +31,9 @@ from runguard import (
     guarded,
     propagate,
 )
+from runguard.providers import _stainless
+from runguard.providers import anthropic as anthropic_adapter
+from runguard.providers import openai as openai_adapter
 from runguard.testing import FakeProvider, Reply, WireRequest
 
 MODEL = "gpt-4o-mini"
@@ -66,6 +69,9 @@ OPENAI_QUOTA = {
     }
 }
 ANTHROPIC_CREDIT = "Your credit balance is too low to access the Anthropic API."
+#: numbers each logical call on the wire (older SDKs do not number their retries)
+CALL_HEADER = "x-test-call"
+_call_numbers = itertools.count()
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -86,13 +92,14 @@ def make_client(fake: FakeProvider, kind: str, max_retries: int, is_async: bool 
 def call(client: Any, kind: str) -> None:
     """One LLM call of the given kind; a stream is read to its end."""
     stream = kind.endswith("-stream")
+    number = {CALL_HEADER: str(next(_call_numbers))}
     if kind.startswith("anthropic"):
         result = client.messages.create(
-            model=CLAUDE, max_tokens=16, messages=MESSAGES, stream=stream
+            model=CLAUDE, max_tokens=16, messages=MESSAGES, stream=stream, extra_headers=number
         )
     else:
         result = client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=16, stream=stream
+            model=MODEL, messages=MESSAGES, max_tokens=16, stream=stream, extra_headers=number
         )
     if stream:
         for _ in result:
@@ -101,13 +108,14 @@ def call(client: Any, kind: str) -> None:
 
 async def acall(client: Any, kind: str) -> None:
     stream = kind.endswith("-stream")
+    number = {CALL_HEADER: str(next(_call_numbers))}
     if kind.startswith("anthropic"):
         result = await client.messages.create(
-            model=CLAUDE, max_tokens=16, messages=MESSAGES, stream=stream
+            model=CLAUDE, max_tokens=16, messages=MESSAGES, stream=stream, extra_headers=number
         )
     else:
         result = await client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=16, stream=stream
+            model=MODEL, messages=MESSAGES, max_tokens=16, stream=stream, extra_headers=number
         )
     if stream:
         async for _ in result:
@@ -152,8 +160,8 @@ async def arun_calls(client: Any, kind: str, n: int, fake: FakeProvider) -> list
 
 
 def logical_calls(fake: FakeProvider) -> int:
-    """Calls that reached the wire: first attempts, as the SDKs number them."""
-    return sum(1 for r in fake.requests if r.headers.get("x-stainless-retry-count") == "0")
+    """Logical calls that reached the wire: the call numbers :func:`call` sent."""
+    return len({r.headers[CALL_HEADER] for r in fake.requests})
 
 
 def expected_storm(max_retries: int, calls: int = CALLS) -> list[tuple[str, int]]:
@@ -546,6 +554,34 @@ async def test_async_upstream_budget_refusal_trips_on_the_first_answer(
         await acall(client, kind)
     assert fake.wire_count == 1
     assert message in info.value.trip.details["message"]
+
+
+def hooked_per_attempt(kind: str) -> bool:
+    """Whether RunGuard hooks this SDK per HTTP attempt (else on its answers: older SDKs)."""
+    package = "anthropic" if kind.startswith("anthropic") else "openai"
+    adapter = anthropic_adapter if package == "anthropic" else openai_adapter
+    return _stainless._per_attempt(package, adapter.attempt_method)[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "refusal", "message"),
+    [p for p in BUDGET_REFUSALS if str(p.values[0]).endswith("-stream")],
+)
+async def test_async_streamed_upstream_budget_refusal_trips_on_the_first_answer(
+    kind: str, refusal: Reply, message: str
+) -> None:
+    fake = FakeProvider(default=refusal)
+    client = make_client(fake, kind, max_retries=2, is_async=True)
+    with pytest.raises(UpstreamBudgetExceeded) as info, RunGuard(max_consecutive_429s=LIMIT):
+        await acall(client, kind)
+    assert message in info.value.trip.details["message"]
+    if hooked_per_attempt(kind) or refusal.status != 429:
+        assert fake.wire_count == 1
+    else:
+        # An SDK without the per-attempt method drops an async stream's failed body
+        # unread before each retry, so only the last attempt's says "budget"
+        # (docs/sdk-versions.md).
+        assert fake.wire_count == 3
 
 
 def test_upstream_budget_trip_latches_even_after_the_budget_resets() -> None:

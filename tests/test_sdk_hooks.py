@@ -79,12 +79,21 @@ elif ORDER == "instrument-first":
 base = sys.modules.get(SDK + "._base_client")
 seen["sent"] = len(base.SENT) if base is not None else 0
 seen["patched"] = bool(getattr(base, "_runguard_patched", False))
+seen["hooked"] = sorted(
+    f"{cls}.{name}"
+    for cls in ("BaseClient", "SyncAPIClient", "AsyncAPIClient")
+    for name, value in vars(getattr(base, cls, object)).items()
+    if hasattr(value, "runguard_wrapper")
+)
 print(json.dumps(seen))
 """
 
 
-def run_stand_in(tmp_path: Path, sdk: str, cls: str, method: str, order: str) -> dict[str, object]:
-    write_stand_in(tmp_path, sdk, ATTEMPT[sdk], (cls, method))
+def run_stand_in(
+    tmp_path: Path, sdk: str, order: str, *missing: tuple[str, str], answers: bool = False
+) -> dict[str, object]:
+    """Run SCRIPT over a stand-in that lacks the ``missing`` (class, method) pairs."""
+    write_stand_in(tmp_path, sdk, ATTEMPT[sdk], *missing, answers=answers)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, order, sdk],
@@ -115,7 +124,7 @@ def refusals(seen: dict[str, object], sdk: str, cls: str, method: str) -> list[s
 def test_entering_a_guard_refuses_an_sdk_already_imported(
     tmp_path: Path, sdk: str, cls: str, method: str
 ) -> None:
-    seen = run_stand_in(tmp_path, sdk, cls, method, "imported-first")
+    seen = run_stand_in(tmp_path, sdk, "imported-first", (cls, method))
     errors = refusals(seen, sdk, cls, method)
     assert len(errors) == 2, "each guard entry must refuse, not only the first"
     for message in errors:
@@ -127,7 +136,7 @@ def test_entering_a_guard_refuses_an_sdk_already_imported(
 def test_importing_the_sdk_inside_a_guard_refuses_it(
     tmp_path: Path, sdk: str, cls: str, method: str
 ) -> None:
-    seen = run_stand_in(tmp_path, sdk, cls, method, "guard-first")
+    seen = run_stand_in(tmp_path, sdk, "guard-first", (cls, method))
     assert len(refusals(seen, sdk, cls, method)) == 1
 
 
@@ -135,7 +144,56 @@ def test_importing_the_sdk_inside_a_guard_refuses_it(
 def test_instrument_before_import_refuses_the_sdk_at_import_and_after(
     tmp_path: Path, sdk: str, cls: str, method: str
 ) -> None:
-    seen = run_stand_in(tmp_path, sdk, cls, method, "instrument-first")
+    seen = run_stand_in(tmp_path, sdk, "instrument-first", (cls, method))
     errors = refusals(seen, sdk, cls, method)
     assert len(errors) >= 2, "only the first import refused the broken SDK"
+    assert seen["patched"] is False
+
+
+# An SDK older than the per-attempt method (openai before 2.31, anthropic before 0.108) is
+# hooked on the methods each answer passes through instead; the matrix's oldest leg drives
+# real ones. Here: the choice between the two, and the refusal when neither is whole.
+ANSWER_HOOKS = [
+    "AsyncAPIClient._process_response",
+    "BaseClient._build_request",
+    "BaseClient._make_status_error_from_response",
+    "BaseClient._should_retry",
+    "SyncAPIClient._process_response",
+]
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_an_sdk_without_the_per_attempt_method_is_hooked_on_its_answers(
+    tmp_path: Path, sdk: str
+) -> None:
+    seen = run_stand_in(
+        tmp_path,
+        sdk,
+        "imported-first",
+        ("SyncAPIClient", ATTEMPT[sdk]),
+        ("AsyncAPIClient", ATTEMPT[sdk]),
+        answers=True,
+    )
+    assert seen["errors"] == []
+    assert seen["body_ran"] is True
+    assert seen["sent"] == 2  # each guard let its call through to the stand-in's wire
+    assert seen["patched"] is True
+    hooked = seen["hooked"]
+    assert isinstance(hooked, list)
+    assert set(ANSWER_HOOKS) <= set(hooked)
+    assert f"AsyncAPIClient.{ATTEMPT[sdk]}" not in hooked  # one way or the other, not both
+
+
+@pytest.mark.parametrize("lacking", ANSWER_HOOKS)
+def test_an_sdk_with_neither_whole_hook_set_is_refused(tmp_path: Path, lacking: str) -> None:
+    cls, method = lacking.split(".")
+    seen = run_stand_in(
+        tmp_path,
+        "openai",
+        "imported-first",
+        ("SyncAPIClient", "_send_request"),
+        (cls, method),
+        answers=True,
+    )
+    assert len(refusals(seen, "openai", "SyncAPIClient", "_send_request")) == 2
     assert seen["patched"] is False

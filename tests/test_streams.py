@@ -16,6 +16,7 @@ import genai_prices
 import openai
 import pytest
 
+from _sdk import chat_helper, surface
 from runguard import BudgetExceeded, RunGuard, Usage
 from runguard.testing import FakeProvider, Reply
 
@@ -183,11 +184,12 @@ def test_chat_stream_options_in_extra_body_do_not_cancel_the_usage_request(
 def test_chat_stream_helper_is_counted_once_with_exact_usage(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
-    with client.chat.completions.stream(model=MODEL, messages=MESSAGES) as stream:
+    chat_stream_helper = chat_helper(client)
+    with chat_stream_helper(model=MODEL, messages=MESSAGES) as stream:
         unguarded = [event.type for event in stream]
     with (
         RunGuard() as guard,
-        client.chat.completions.stream(model=MODEL, messages=MESSAGES) as stream,
+        chat_stream_helper(model=MODEL, messages=MESSAGES) as stream,
     ):
         events = [event.type for event in stream]
         final = stream.get_final_completion()
@@ -201,8 +203,9 @@ def test_chat_stream_helper_is_counted_once_with_exact_usage(
 async def test_async_chat_stream_helper_is_counted_once_with_exact_usage(
     fake: FakeProvider, aclient: openai.AsyncOpenAI
 ) -> None:
+    chat_stream_helper = chat_helper(aclient)
     with RunGuard() as guard:
-        async with aclient.chat.completions.stream(model=MODEL, messages=MESSAGES) as stream:
+        async with chat_stream_helper(model=MODEL, messages=MESSAGES) as stream:
             async for _ in stream:
                 pass
             final = await stream.get_final_completion()
@@ -213,9 +216,10 @@ async def test_async_chat_stream_helper_is_counted_once_with_exact_usage(
 
 
 def test_chat_stream_helper_shows_usage_the_caller_asked_for(client: openai.OpenAI) -> None:
+    chat_stream_helper = chat_helper(client)
     with (
         RunGuard() as guard,
-        client.chat.completions.stream(
+        chat_stream_helper(
             model=MODEL, messages=MESSAGES, stream_options={"include_usage": True}
         ) as stream,
     ):
@@ -231,13 +235,10 @@ def test_chat_stream_helper_shows_usage_the_caller_asked_for(client: openai.Open
 def test_responses_create_stream_is_counted_once_with_exact_usage(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
-    unguarded = [
-        event.type for event in client.responses.create(model=MODEL, input="hi", stream=True)
-    ]
+    responses = surface(client, "responses")
+    unguarded = [event.type for event in responses.create(model=MODEL, input="hi", stream=True)]
     with RunGuard() as guard:
-        events = [
-            event.type for event in client.responses.create(model=MODEL, input="hi", stream=True)
-        ]
+        events = [event.type for event in responses.create(model=MODEL, input="hi", stream=True)]
     assert "stream_options" not in fake.requests[1].body
     assert events == unguarded
     assert_exact(guard.usage)
@@ -246,8 +247,9 @@ def test_responses_create_stream_is_counted_once_with_exact_usage(
 async def test_async_responses_create_stream_is_counted_once_with_exact_usage(
     fake: FakeProvider, aclient: openai.AsyncOpenAI
 ) -> None:
+    responses = surface(aclient, "responses")
     with RunGuard() as guard:
-        stream = await aclient.responses.create(model=MODEL, input="hi", stream=True)
+        stream = await responses.create(model=MODEL, input="hi", stream=True)
         events = [event.type async for event in stream]
     assert fake.wire_count == 1
     assert events[-1] == "response.completed"
@@ -257,7 +259,8 @@ async def test_async_responses_create_stream_is_counted_once_with_exact_usage(
 def test_responses_stream_helper_is_counted_once_with_exact_usage(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
-    with RunGuard() as guard, client.responses.stream(model=MODEL, input="hi") as stream:
+    responses_stream_helper = surface(client, "responses.stream")
+    with RunGuard() as guard, responses_stream_helper(model=MODEL, input="hi") as stream:
         for _ in stream:
             pass
         final = stream.get_final_response()
@@ -269,8 +272,9 @@ def test_responses_stream_helper_is_counted_once_with_exact_usage(
 async def test_async_responses_stream_helper_is_counted_once_with_exact_usage(
     fake: FakeProvider, aclient: openai.AsyncOpenAI
 ) -> None:
+    responses_stream_helper = surface(aclient, "responses.stream")
     with RunGuard() as guard:
-        async with aclient.responses.stream(model=MODEL, input="hi") as stream:
+        async with responses_stream_helper(model=MODEL, input="hi") as stream:
             async for _ in stream:
                 pass
             final = await stream.get_final_response()
@@ -423,11 +427,10 @@ def test_chat_stream_never_iterated_is_settled_when_collected(
 def test_abandoned_chat_stream_helper_is_settled_when_its_with_block_ends(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
+    chat_stream_helper = chat_helper(client)
     outer, inner = guards()
     with outer, inner:
-        with client.chat.completions.stream(
-            model=MODEL, messages=MESSAGES, max_tokens=CAP
-        ) as stream:
+        with chat_stream_helper(model=MODEL, messages=MESSAGES, max_tokens=CAP) as stream:
             for _ in stream:
                 break
         assert_abandoned(inner, outer)
@@ -437,9 +440,10 @@ def test_abandoned_chat_stream_helper_is_settled_when_its_with_block_ends(
 def test_abandoned_responses_stream_helper_is_settled_when_its_with_block_ends(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
+    responses_stream_helper = surface(client, "responses.stream")
     outer, inner = guards()
     with outer, inner:
-        with client.responses.stream(model=MODEL, input="hi", max_output_tokens=CAP) as stream:
+        with responses_stream_helper(model=MODEL, input="hi", max_output_tokens=CAP) as stream:
             for _ in stream:
                 break
         assert_abandoned(inner, outer)

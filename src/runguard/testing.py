@@ -33,7 +33,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,13 +199,13 @@ class FakeProvider:
         wire, reply = self._record(request)
         if reply.delay:
             time.sleep(reply.delay)
-        return self._respond(request, wire, reply)
+        return _unread(request, self._respond(request, wire, reply), iter)
 
     async def _handle_async(self, request: Any) -> Any:
         wire, reply = self._record(request)
         if reply.delay:
             await asyncio.sleep(reply.delay)
-        return self._respond(request, wire, reply)
+        return _unread(request, self._respond(request, wire, reply), _arrive)
 
     def _respond(self, request: Any, wire: WireRequest, reply: Reply) -> Any:
         http = _module_of(request)
@@ -221,6 +221,25 @@ class FakeProvider:
             headers["content-type"] = "text/event-stream"
             return http.Response(reply.status, content=payload, headers=headers)
         return http.Response(reply.status, json=answer, headers=headers)
+
+
+def _unread(request: Any, response: Any, chunks: Callable[[list[bytes]], Any]) -> Any:
+    """``response`` with its body arriving as over a network: unread until the client reads it.
+
+    A response built from bytes holds its body from the start; an SDK that
+    asks for a stream (even one answered with an error) would then find it
+    read. A response that already streams its body is left as it is.
+    """
+    http = _module_of(request)
+    if not isinstance(response.stream, http.ByteStream):
+        return response
+    body = chunks([response.content])
+    return http.Response(response.status_code, headers=response.headers, content=body)
+
+
+async def _arrive(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
 
 
 def _http_module(sdk: Any) -> Any:
