@@ -105,8 +105,9 @@ _HOOKS: tuple[tuple[str, str, str], ...] = (
 
 
 #: What an SDK without a per-attempt method calls on every attempt: it builds
-#: the request, then passes the answer to exactly one of the others (a failure
-#: the SDK will not retry goes through ``_should_retry`` first, or skips it).
+#: the request, then hands a success to ``_process_response`` and a failure to
+#: ``_should_retry`` (if it has retries left), ``_make_status_error_from_response``
+#: (if it gives up), or both.
 _ANSWER_HOOKS: tuple[tuple[str, str, str], ...] = (
     ("_base_client", "BaseClient", "_build_request"),
     ("_base_client", "BaseClient", "_should_retry"),
@@ -427,10 +428,11 @@ def _refuse_stopped(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _failed(call: Call, response: Any, last: bool) -> bool:
-    """Report a failed answer once (the SDK may pass it to two of the answer hooks).
+    """Report a failed answer once, though the SDK may pass it to two hooks.
 
-    False when it was not reported: its body may say a budget is spent but
-    cannot be read yet (an async stream's, before ``last``, the SDK's own read).
+    Returns False, having reported nothing, when the body may say a budget is
+    spent but cannot be read here (an async stream's, before the SDK reads it
+    itself) and this is not the ``last`` hook it will pass.
     """
     if getattr(response, _TAG, None) is call:
         return True
