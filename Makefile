@@ -82,7 +82,7 @@ clean:
 MATRIX_DIR       := .venv-matrix
 MATRIX_LEGS      := oldest boundary newest
 # openai before 1.55.3 builds its default client with an argument httpx 0.28 removed
-MATRIX_OLDEST    := openai==1.40.0 anthropic==0.40.0 'httpx<0.28'
+MATRIX_OLDEST    := openai==1.10.0 anthropic==0.40.0 'httpx<0.28'
 MATRIX_BOUNDARY  := openai==2.31.0 anthropic==0.108.0
 MATRIX_NEWEST    := openai==3.57.0 anthropic==2.15.0
 MATRIX_TOOLS     := 'pytest>=8' 'pytest-asyncio>=0.23' 'pytest-timeout>=2.3' 'hypothesis>=6.100'

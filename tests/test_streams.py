@@ -16,7 +16,7 @@ import genai_prices
 import openai
 import pytest
 
-from _sdk import chat_helper, surface
+from _sdk import accepts, chat_helper, surface
 from runguard import BudgetExceeded, RunGuard, Usage
 from runguard.testing import FakeProvider, Reply
 
@@ -110,6 +110,7 @@ async def test_async_chat_stream_asks_for_usage_and_hides_the_extra_chunk(
 def test_chat_stream_usage_chunk_the_caller_asked_for_is_visible(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
+    accepts(client.chat.completions.create, "stream_options")
     asked = {"stream_options": {"include_usage": True}}
     unguarded = list(chat_stream(client, **asked))
     with RunGuard() as guard:
@@ -129,6 +130,7 @@ def test_chat_stream_usage_chunk_the_caller_asked_for_is_visible(
 async def test_async_chat_stream_usage_chunk_the_caller_asked_for_is_visible(
     aclient: openai.AsyncOpenAI,
 ) -> None:
+    accepts(aclient.chat.completions.create, "stream_options")
     with RunGuard() as guard:
         stream = await chat_stream(aclient, stream_options={"include_usage": True})
         chunks = [chunk async for chunk in stream]
@@ -141,6 +143,7 @@ async def test_async_chat_stream_usage_chunk_the_caller_asked_for_is_visible(
 def test_chat_stream_keeps_the_callers_other_stream_options(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:
+    accepts(client.chat.completions.create, "stream_options")
     unguarded = list(chat_stream(client, stream_options={"include_obfuscation": False}))
     with RunGuard() as guard:
         chunks = list(chat_stream(client, stream_options={"include_obfuscation": False}))
