@@ -164,7 +164,8 @@ def patch(package: str, adapter: Adapter) -> None:
     base = importlib.import_module(f"{package}._base_client")
     if getattr(base, "_runguard_patched", False):
         return
-    missing = missing_hooks(package, adapter.attempt_method)
+    per_attempt, lacking = _per_attempt(package, adapter.attempt_method)
+    missing = _missing(package, _HOOKS) + lacking
     if missing:
         version = getattr(importlib.import_module(package), "__version__", "?")
         raise InstrumentationError(
@@ -176,7 +177,7 @@ def patch(package: str, adapter: Adapter) -> None:
     request, arequest = _request_wrappers(adapter)
     _hook(base.SyncAPIClient, "request", request)
     _hook(base.AsyncAPIClient, "request", arequest)
-    if _per_attempt(package, adapter.attempt_method)[0]:
+    if per_attempt:
         attempt, aattempt = _attempt_wrappers(adapter)
         for cls in _defining(base.SyncAPIClient, adapter.attempt_method):
             _hook(cls, adapter.attempt_method, attempt)
