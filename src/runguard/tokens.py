@@ -250,7 +250,13 @@ def count_content(value: Any, count: Counter, note: Note | None = None) -> int:
             return _count_sequence(value, count, note)
         total = 0
         for item in value:
-            total += count(item) if type(item) is str else count_content(item, count)
+            kind = type(item)
+            if kind is str:
+                total += count(item)
+            elif kind is dict:
+                total += _count_mapping(item, count, None)
+            else:
+                total += count_content(item, count)
         return total
     if value is None or kind is int or kind is float or kind is bool:
         if note is not None:
@@ -284,7 +290,14 @@ def _count_sequence(value: Any, count: Counter, note: Note | None) -> int:
     note(_SEQUENCE)
     total = 0
     for item in value:
-        total += count_content(item, count, note)
+        kind = type(item)
+        if kind is str:
+            note(item)
+            total += count(item)
+        elif kind is dict:
+            total += _count_mapping(item, count, note)
+        else:
+            total += count_content(item, count, note)
     note(_END)
     return total
 
@@ -295,15 +308,24 @@ def _count_mapping(value: Mapping[Any, Any], count: Counter, note: Note | None) 
             note(repr(value))  # the content itself: two images must not look alike
         return IMAGE_TOKENS
     total = 0
+    # Nested dicts (a tool call's function) come here directly, without
+    # count_content's dispatch: one Python call less per level, on every call.
     if note is None:
         for key, item in value.items():
             if key in _SKIP_KEYS:
                 continue
-            total += count(item) if type(item) is str else count_content(item, count)
+            kind = type(item)
+            if kind is str:
+                total += count(item)
+            elif kind is dict:
+                total += _count_mapping(item, count, None)
+            else:
+                total += count_content(item, count)
         return total
     note(_MAPPING)
     for key, item in value.items():
-        if type(item) is str:
+        kind = type(item)
+        if kind is str:
             note((key, item))
             if key not in _SKIP_KEYS:
                 total += count(item)
@@ -311,7 +333,10 @@ def _count_mapping(value: Mapping[Any, Any], count: Counter, note: Note | None) 
             note((key, repr(item)))
         else:
             note(key)
-            total += count_content(item, count, note)
+            if kind is dict:
+                total += _count_mapping(item, count, note)
+            else:
+                total += count_content(item, count, note)
     note(_END)
     return total
 

@@ -44,10 +44,6 @@ def str_field(body: dict[str, Any], name: str, default: str = "unknown") -> str:
     return value if type(value) is str else default
 
 
-def as_int(value: Any) -> int:
-    return value if type(value) is int else 0
-
-
 def fingerprint(trace: list[Any], endpoint: str, model: str, extra: Any = None) -> int:
     """A hash of a request: what its token count's walk noted, and a JSON-like ``extra``.
 

@@ -72,6 +72,11 @@ class Plan(NamedTuple):
     fingerprint: int | None = None
 
 
+#: A Plan from a tuple of its six fields, without the named tuple's own
+#: constructor: that is a Python function, one call more on every LLM call.
+make_plan: Callable[[tuple[Any, ...]], Plan] = functools.partial(tuple.__new__, Plan)
+
+
 class Adapter(Protocol):
     """What a provider module supplies: how to read its requests and responses."""
 
@@ -84,9 +89,6 @@ class Adapter(Protocol):
 
         With ``fingerprint``, the plan carries a hash of the request's content.
         """
-
-    def response_of(self, sent: Any) -> Any:
-        """The HTTP response in what the attempt method returned."""
 
     def prepare(self, options: Any, call: Call) -> Any:
         """The options to send (a provider may ask for stream usage here)."""
@@ -257,7 +259,7 @@ def _begin(
     adapter: Adapter, accounts: tuple[Account, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Call | None:
     """Admit the call in every active guard (raising if refused), or None if not billable."""
-    options = _options(args, kwargs)
+    options = args[1] if len(args) > 1 else kwargs.get("options")  # _options(), one call less
     if len(accounts) == 1:
         fingerprint = accounts[0].needs_fingerprint
     else:
@@ -379,7 +381,8 @@ def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
             sent = wrapped(*args, **kwargs)
         finally:
             call.attempting = False
-        response = adapter.response_of(sent)
+        # anthropic's _attempt_request returns (response, the options it sent)
+        response = sent[0] if type(sent) is tuple else sent
         if _answered(adapter, call, response):
             body = None
             if response.status_code in REFUSAL_STATUSES and _watched(call):
@@ -398,7 +401,8 @@ def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
             sent = await wrapped(*args, **kwargs)
         finally:
             call.attempting = False
-        response = adapter.response_of(sent)
+        # anthropic's _attempt_request returns (response, the options it sent)
+        response = sent[0] if type(sent) is tuple else sent
         if _answered(adapter, call, response):
             body = None
             if response.status_code in REFUSAL_STATUSES and _watched(call):

@@ -7,17 +7,13 @@ from typing import Any
 from .._call import Call
 from .._records import ToolCall
 from ..tokens import count_content, count_fields, count_messages, counter_for
-from ._body import as_int, billable, fingerprint, int_field, str_field
-from ._stainless import Plan
+from ._body import billable, fingerprint, int_field, str_field
+from ._stainless import Plan, make_plan
 
 name = "anthropic"
 attempt_method = "_attempt_request"
 
 _ENDPOINTS = {"/v1/messages": "messages", "/v1/complete": "complete"}
-
-
-def response_of(sent: Any) -> Any:
-    return sent[0] if isinstance(sent, tuple) else sent  # (response, prepared options)
 
 
 def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
@@ -42,7 +38,7 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     digest = None
     if trace is not None:
         digest = fingerprint(trace, endpoint, model, body.get("tool_choice"))
-    return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
+    return make_plan((endpoint, model, tokens, cap, body.get("stream") is True, digest))
 
 
 def prepare(options: Any, call: Call) -> Any:
@@ -69,13 +65,18 @@ def read_usage(data: Any, call: Call) -> None:
         return
     if not isinstance(usage, dict):
         return
-    cache_read = as_int(usage.get("cache_read_input_tokens"))
-    cache_write = as_int(usage.get("cache_creation_input_tokens"))
-    fresh = as_int(usage.get("input_tokens"))
+    # counts that are not ints (absent, null) are 0; checked inline, as this runs per event
+    cache_read = usage.get("cache_read_input_tokens")
+    cache_read = cache_read if type(cache_read) is int else 0
+    cache_write = usage.get("cache_creation_input_tokens")
+    cache_write = cache_write if type(cache_write) is int else 0
+    fresh = usage.get("input_tokens")
+    fresh = fresh if type(fresh) is int else 0
+    output = usage.get("output_tokens")
     call.observe(
         model,
         fresh + cache_read + cache_write,
-        as_int(usage.get("output_tokens")),
+        output if type(output) is int else 0,
         cache_read,
         cache_write,
         final=final,

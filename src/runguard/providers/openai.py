@@ -8,8 +8,8 @@ from typing import Any
 from .._call import Call
 from .._records import ToolCall
 from ..tokens import Note, count_content, count_fields, count_messages, counter_for
-from ._body import as_int, billable, body_of, fingerprint, int_field, str_field
-from ._stainless import Plan
+from ._body import billable, body_of, fingerprint, int_field, str_field
+from ._stainless import Plan, make_plan
 
 name = "openai"
 attempt_method = "_send_request"
@@ -26,10 +26,6 @@ _LEGACY_DEFAULT_MAX_TOKENS = 16
 _TERMINAL_RESPONSE_EVENTS = frozenset(
     {"response.completed", "response.incomplete", "response.failed"}
 )
-
-
-def response_of(sent: Any) -> Any:
-    return sent
 
 
 def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
@@ -61,7 +57,7 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
     digest = None
     if trace is not None:
         digest = fingerprint(trace, endpoint, model, body.get("tool_choice"))
-    return Plan(endpoint, model, tokens, cap, body.get("stream") is True, digest)
+    return make_plan((endpoint, model, tokens, cap, body.get("stream") is True, digest))
 
 
 def _count_inputs(value: Any, count: Any, note: Note | None) -> int:
@@ -139,11 +135,13 @@ def read_usage(data: Any, call: Call) -> None:
             usage.get("output_tokens"),
             usage.get("input_tokens_details"),
         )
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    # counts that are not ints (absent, null) are 0; checked inline, as this runs per event
     call.observe(
         model,
-        as_int(fed),
-        as_int(made),
-        as_int(details.get("cached_tokens")) if isinstance(details, dict) else 0,
+        fed if type(fed) is int else 0,
+        made if type(made) is int else 0,
+        cached if type(cached) is int else 0,
     )
 
 
