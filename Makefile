@@ -89,7 +89,7 @@ MATRIX_TOOLS     := 'pytest>=8' 'pytest-asyncio>=0.23' 'pytest-timeout>=2.3' 'hy
 MATRIX_TESTS     := tests/test_openai.py tests/test_anthropic.py tests/test_streams.py \
                     tests/test_rate_limits.py tests/test_latency.py tests/test_loops.py \
                     tests/test_context_guard.py tests/test_concurrency.py tests/test_guard.py \
-                    tests/test_sdk_hooks.py
+                    tests/test_sdk_hooks.py tests/test_benchmarks.py
 
 matrix_pins = $(MATRIX_$(shell echo $(1) | tr a-z A-Z)) $(MATRIX_TOOLS)
 

@@ -15,6 +15,13 @@ Arms: the stub alone (``plain``), hooked with no guard active (``fast``),
 inside a guard with the five ceilings (``five``), and inside a guard with
 every guard set (``every``, cycling requests so no loop guard trips).
 
+With ``--in-situ`` it also counts whole SDK calls (``sdk-*`` arms, a few minutes more):
+``openai`` ``chat.completions.create`` over FakeProvider's in-memory transport, on a client
+whose hooked methods are shadowed by the SDK's originals (``sdk-bare``, as if RunGuard were
+not installed), and on an instrumented client outside any guard, with the five ceilings and
+with every guard. RunGuard adds somewhat more there than in the hot loop: the SDK passes
+more arguments through each hook than the stub does, and real answers carry choices to read.
+
 Instructions are not time: a CPU runs roughly ten thousand of these a
 microsecond in this hot loop, fewer when RunGuard's code is cold inside a
 real SDK call. Use the figures to compare versions of RunGuard, and
@@ -26,13 +33,17 @@ from __future__ import annotations
 import argparse
 import contextvars
 import itertools
+import os
 import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ARMS = ("plain", "fast", "five", "every")
+SDK_ARMS = ("sdk-bare", "sdk-fast", "sdk-five", "sdk-every")
 
 
 def run_arm(arm: str, calls: int) -> None:
@@ -47,6 +58,9 @@ def run_arm(arm: str, calls: int) -> None:
     with bench.new_guard():  # instruments the SDK, warms prices and token counts
         for _ in range(50):
             bench.sdk_call(client)()
+    if arm.startswith("sdk-"):
+        run_sdk_arm(bench, fake, client, arm, calls)
+        return
     chain_class, hooked_class = bench.stub_chain()
     chain = chain_class() if arm == "plain" else hooked_class()
     histories = bench.variants() if arm == "every" else [bench.MESSAGES]
@@ -65,6 +79,26 @@ def run_arm(arm: str, calls: int) -> None:
     ctx.run(loop, calls)
 
 
+def run_sdk_arm(bench: Any, fake: Any, client: Any, arm: str, calls: int) -> None:
+    """Inside callgrind: ``calls`` whole SDK calls of ``arm`` (see the module's docstring)."""
+    if arm == "sdk-every":
+        call = bench.cycling([bench.sdk_call(client, m) for m in bench.variants()])
+    else:
+        call = bench.sdk_call(bench.unpatched_client(fake) if arm == "sdk-bare" else client)
+    if arm in ("sdk-five", "sdk-every"):
+        _, ctx = bench.entered(bench.every_guard if arm == "sdk-every" else None)
+    else:
+        ctx = contextvars.copy_context()
+
+    def loop(n: int) -> None:
+        for _ in range(n):
+            call()
+            fake.requests.clear()
+
+    ctx.run(loop, 2 * len(bench.variants()))
+    ctx.run(loop, calls)
+
+
 def instructions(arm: str, calls: int) -> int:
     done = subprocess.run(
         [
@@ -80,6 +114,8 @@ def instructions(arm: str, calls: int) -> int:
         capture_output=True,
         text=True,
         check=False,
+        # a fixed string hash: dict and set probes, and so the counts, repeat from run to run
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
@@ -87,9 +123,19 @@ def instructions(arm: str, calls: int) -> int:
     return int(found.group(1))
 
 
+def per_call(arms: tuple[str, ...], n: int) -> dict[str, float]:
+    """Instructions per call of each arm: (count at 3n - count at n) / 2n, processes in parallel."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        runs = {(arm, k): pool.submit(instructions, arm, k) for arm in arms for k in (n, 3 * n)}
+        return {arm: (runs[arm, 3 * n].result() - runs[arm, n].result()) / (2 * n) for arm in arms}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="N (default 1000)")
+    parser.add_argument(
+        "--in-situ", action="store_true", help="also count whole SDK calls (a few minutes more)"
+    )
     parser.add_argument("--arm", nargs=2, metavar=("ARM", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
@@ -100,12 +146,22 @@ def main() -> int:
         return 1
     n = args.calls
     print(f"Python {sys.version.split()[0]}: instructions per call, from {n:,} and {3 * n:,} calls")
-    per_call = {}
+    print("RunGuard's hooks around the stub SDK chain (hot loop):")
+    counted = per_call(ARMS, n)
     for arm in ARMS:
-        per_call[arm] = (instructions(arm, 3 * n) - instructions(arm, n)) / (2 * n)
-        added = per_call[arm] - per_call["plain"]
+        added = counted[arm] - counted["plain"]
         note = "" if arm == "plain" else f"   RunGuard adds {added:>9,.0f}"
-        print(f"  {arm:<6} {per_call[arm]:>9,.0f}{note}", flush=True)
+        print(f"  {arm:<9} {counted[arm]:>12,.0f}{note}")
+    if args.in_situ:
+        sdk_n = max(1, n // 10)
+        print(f"Whole openai chat.completions.create calls, from {sdk_n:,} and {3 * sdk_n:,}:")
+        counted = per_call(SDK_ARMS, sdk_n)
+        bare = counted["sdk-bare"]
+        for arm in SDK_ARMS:
+            added = counted[arm] - bare
+            share = f"   RunGuard adds {added:>9,.0f} ({added / bare:.2%})"
+            note = "" if arm == "sdk-bare" else share
+            print(f"  {arm:<9} {counted[arm]:>12,.0f}{note}")
     return 0
 
 

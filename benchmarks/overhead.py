@@ -268,9 +268,15 @@ def captured_options(client: Any, messages: list[dict[str, Any]]) -> Any:
 
 
 def stub_chain() -> tuple[type, type]:
-    """(plain, hooked): openai's call chain with the SDK's own work taken out."""
-    import httpx2
+    """(plain, hooked): openai's call chain with the SDK's own work taken out.
 
+    Hooked the way RunGuard hooks the installed openai: per attempt
+    (``_send_request``, openai 2.31 and newer) or per answer (``_build_request``
+    and ``_process_response``, older releases).
+    """
+    import openai._base_client as base
+
+    http = getattr(base, "httpx2", None) or base.httpx  # openai 3.x moved to httpx2
     body = {
         "id": "chatcmpl-1",
         "object": "chat.completion",
@@ -284,8 +290,8 @@ def stub_chain() -> tuple[type, type]:
             "prompt_tokens_details": {"cached_tokens": 0},
         },
     }
-    request = httpx2.Request("POST", "http://runguard.fake/v1/chat/completions")
-    response = httpx2.Response(200, json=body, request=request)
+    request = http.Request("POST", "http://runguard.fake/v1/chat/completions")
+    response = http.Response(200, json=body, request=request)
 
     # The signatures and keyword calls of openai's SyncAPIClient and BaseClient.
     class Chain:
@@ -294,7 +300,8 @@ def stub_chain() -> tuple[type, type]:
         ) -> Any:
             # The SDK gets a new response each call; this one must not carry the last tag.
             response.__dict__.pop("_runguard_call", None)
-            sent = self._send_request(request, stream=stream)
+            built = self._build_request(options)
+            sent = self._send_request(built, stream=stream)
             return self._process_response(
                 cast_to=cast_to,
                 options=options,
@@ -303,6 +310,9 @@ def stub_chain() -> tuple[type, type]:
                 stream_cls=stream_cls,
                 retries_taken=0,
             )
+
+        def _build_request(self, options: Any, *, retries_taken: int = 0) -> Any:
+            return request
 
         def _send_request(self, request: Any, *, stream: bool) -> Any:
             return response
@@ -325,13 +335,12 @@ def stub_chain() -> tuple[type, type]:
     class Hooked(Chain):
         pass
 
-    import openai._base_client as base
-
-    for cls, name in (
-        (base.SyncAPIClient, "request"),
-        (base.SyncAPIClient, "_send_request"),
-        (base.BaseClient, "_process_response_data"),
-    ):
+    hooks = [(base.SyncAPIClient, "request"), (base.BaseClient, "_process_response_data")]
+    if hasattr(vars(base.SyncAPIClient).get("_send_request"), "runguard_wrapper"):
+        hooks.append((base.SyncAPIClient, "_send_request"))
+    else:
+        hooks += [(base.BaseClient, "_build_request"), (base.SyncAPIClient, "_process_response")]
+    for cls, name in hooks:
         setattr(Hooked, name, vars(Chain)[name])
         # installed the way RunGuard installs it on the SDK
         _stainless._hook(Hooked, name, installed_hook(cls, name))
@@ -460,6 +469,8 @@ def main() -> int:
 
     print()
     print("Library only: RunGuard's hooks around a stub of the SDK call chain, hot loop")
+    hooks = [name for name, attr in vars(Hooked).items() if hasattr(attr, "runguard_wrapper")]
+    print(f"  hooked as on this openai: {', '.join(hooks)}")
     row("(a) fast path, no guard active", paired(fast, "fast", "plain"))
     print("  (b) guarded, along one run (each window at its own moment):")
     for target in (10, 1_000, 10_000, LONG_RUN):

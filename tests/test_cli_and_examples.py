@@ -1,4 +1,4 @@
-"""The command line, the example and the benchmarks, run as a user runs them: in a subprocess.
+"""The command line and the examples, run as a user runs them: in a subprocess.
 
 Expected numbers come from each run's own output (the wire count must equal the
 calls the guard admitted), not from constants that would drift with the demo.
@@ -6,36 +6,10 @@ calls the guard admitted), not from constants that would drift with the demo.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
+from _subprocess import number, run
 from runguard._cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    # src first on the path, so the checkout is tested even without an editable install
-    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": path},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def number(label: str, text: str) -> int:
-    """The integer on the line ``label  1,234`` (or ``label: 1234``)."""
-    match = re.search(rf"^\s*{re.escape(label)}:?\s+([\d,]+)\s*$", text, re.MULTILINE)
-    assert match, f"no line {label!r} in:\n{text}"
-    return int(match.group(1).replace(",", ""))
 
 
 def value(label: str, text: str) -> str:
@@ -151,35 +125,6 @@ def test_support_bot_example_alerts_then_refuses_at_its_daily_budget() -> None:
     calls = re.search(r"^RunGuard 'support-bot': (\d+) calls", out, re.MULTILINE)
     assert calls, out
     assert number("requests that reached the provider", out) == int(calls.group(1))
-
-
-def test_overhead_benchmark_runs() -> None:
-    done = run("benchmarks/overhead.py", "--quick", timeout=110)
-    assert done.returncode == 0, done.stderr
-    for line in ("fast path", "new guard", "old guard", "ratio guarded / unpatched"):
-        assert line in done.stdout
-
-
-def test_concurrency_benchmark_sends_exactly_the_ceiling() -> None:
-    done = run("benchmarks/concurrency.py", "--quick")
-    out = done.stdout
-    assert done.returncode == 0, done.stderr + out
-    limit = re.search(r"RunGuard\(max_calls=(\d+)\)", out)
-    assert limit, out
-    rows = re.findall(
-        r"^\d+ (threads|asyncio tasks)\s+(stop|retry)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s",
-        out,
-        re.MULTILINE,
-    )
-    assert {(kind, policy) for kind, policy, *_ in rows} == {
-        ("threads", "stop"),
-        ("threads", "retry"),
-        ("asyncio tasks", "stop"),
-        ("asyncio tasks", "retry"),
-    }
-    for _, _, attempts, refused, wire, calls in rows:
-        assert int(wire) == int(calls) == int(limit.group(1))
-        assert int(attempts) == int(wire) + int(refused)
 
 
 def test_eval_fanout_example_fits_the_evaluation_to_its_call_budget() -> None:
