@@ -65,7 +65,7 @@ class Call(Reservation):
         rates: Rates | None,
         overrides: tuple[Mapping[str, Rates | str], ...],
     ) -> None:
-        # Reservation's fields, set here rather than by its __init__: one call less per LLM call
+        # Reservation's fields (it has no __init__: one call less per LLM call)
         self.accounts = accounts
         self.request = request
         self.open = False

@@ -194,15 +194,15 @@ class Reservation:
     """A call's worst case held in every active account from admission until it settles.
 
     ``open`` is True between a successful :meth:`Ledger.admit` and the first
-    :meth:`Ledger.settle`.
+    :meth:`Ledger.settle`. The subclass (``_call.Call``) sets all three fields
+    in its own ``__init__``, which runs on every LLM call.
     """
 
     __slots__ = ("accounts", "open", "request")
 
-    def __init__(self, accounts: tuple[Account, ...], request: CallRequest) -> None:
-        self.accounts = accounts
-        self.request = request
-        self.open = False
+    accounts: tuple[Account, ...]
+    request: CallRequest
+    open: bool
 
 
 class Ledger:

@@ -246,18 +246,7 @@ def count_content(value: Any, count: Counter, note: Note | None = None) -> int:
     if kind is dict:
         return _count_mapping(value, count, note)
     if kind is list or kind is tuple:
-        if note is not None:
-            return _count_sequence(value, count, note)
-        total = 0
-        for item in value:
-            kind = type(item)
-            if kind is str:
-                total += count(item)
-            elif kind is dict:
-                total += _count_mapping(item, count, None)
-            else:
-                total += count_content(item, count)
-        return total
+        return _count_sequence(value, count, note)
     if value is None or kind is int or kind is float or kind is bool:
         if note is not None:
             note(value)
@@ -285,20 +274,21 @@ _END = object()
 
 
 def _count_sequence(value: Any, count: Counter, note: Note | None) -> int:
-    if note is None:
-        return sum(count_content(item, count) for item in value)
-    note(_SEQUENCE)
+    if note is not None:
+        note(_SEQUENCE)
     total = 0
     for item in value:
         kind = type(item)
         if kind is str:
-            note(item)
+            if note is not None:
+                note(item)
             total += count(item)
         elif kind is dict:
             total += _count_mapping(item, count, note)
         else:
             total += count_content(item, count, note)
-    note(_END)
+    if note is not None:
+        note(_END)
     return total
 
 
