@@ -19,8 +19,8 @@ With ``--in-situ`` it also counts whole SDK calls (``sdk-*`` arms, a few minutes
 ``openai`` ``chat.completions.create`` over FakeProvider's in-memory transport, on a client
 whose hooked methods are shadowed by the SDK's originals (``sdk-bare``, as if RunGuard were
 not installed), and on an instrumented client outside any guard, with the five ceilings and
-with every guard. RunGuard adds somewhat more there than in the hot loop: the SDK passes
-more arguments through each hook than the stub does, and real answers carry choices to read.
+with every guard. RunGuard adds about what it adds in the hot loop there; a whole call's
+count varies by up to 15,000 instructions from run to run (the SDK's own work does).
 
 Instructions are not time: a CPU runs roughly ten thousand of these a
 microsecond in this hot loop, fewer when RunGuard's code is cold inside a
