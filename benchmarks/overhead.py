@@ -164,7 +164,7 @@ def unpatched_client(fake: FakeProvider) -> Any:
     client = fake.openai()
     for cls in type(client).__mro__:
         for name, attr in vars(cls).items():
-            if hasattr(attr, "runguard_wrapper") and name not in vars(client):
+            if hasattr(attr, "runguard_hook") and name not in vars(client):
                 setattr(client, name, types.MethodType(attr.__wrapped__, client))
     return client
 
@@ -172,9 +172,9 @@ def unpatched_client(fake: FakeProvider) -> Any:
 def installed_hook(cls: type, name: str) -> Any:
     """The function RunGuard wrapped around ``cls.name``."""
     hooked = vars(cls)[name]
-    if not hasattr(hooked, "runguard_wrapper"):
+    if not hasattr(hooked, "runguard_hook"):
         raise RuntimeError(f"runguard's hook is not installed on {cls.__name__}.{name}")
-    return hooked.runguard_wrapper
+    return hooked.runguard_hook
 
 
 #: arm name -> (the context it runs in, the call)
@@ -336,14 +336,14 @@ def stub_chain() -> tuple[type, type]:
         pass
 
     hooks = [(base.SyncAPIClient, "request"), (base.BaseClient, "_process_response_data")]
-    if hasattr(vars(base.SyncAPIClient).get("_send_request"), "runguard_wrapper"):
+    if hasattr(vars(base.SyncAPIClient).get("_send_request"), "runguard_hook"):
         hooks.append((base.SyncAPIClient, "_send_request"))
     else:
         hooks += [(base.BaseClient, "_build_request"), (base.SyncAPIClient, "_process_response")]
     for cls, name in hooks:
         setattr(Hooked, name, vars(Chain)[name])
         # installed the way RunGuard installs it on the SDK
-        _stainless._hook(Hooked, name, installed_hook(cls, name))
+        setattr(Hooked, name, _stainless.compile_hook(Hooked, name, installed_hook(cls, name)))
     return Chain, Hooked
 
 
@@ -469,7 +469,7 @@ def main() -> int:
 
     print()
     print("Library only: RunGuard's hooks around a stub of the SDK call chain, hot loop")
-    hooks = [name for name, attr in vars(Hooked).items() if hasattr(attr, "runguard_wrapper")]
+    hooks = [name for name, attr in vars(Hooked).items() if hasattr(attr, "runguard_hook")]
     print(f"  hooked as on this openai: {', '.join(hooks)}")
     row("(a) fast path, no guard active", paired(fast, "fast", "plain"))
     print("  (b) guarded, along one run (each window at its own moment):")

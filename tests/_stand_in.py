@@ -26,7 +26,7 @@ class SyncAPIClient(BaseClient):
     def {attempt}(self, *args, **kwargs):
         return None
 
-    def _process_response(self, **kwargs):
+    def _process_response(self, *, cast_to, options, response, stream, stream_cls):
         return None
 
 
@@ -37,7 +37,7 @@ class AsyncAPIClient(BaseClient):
     async def {attempt}(self, *args, **kwargs):
         return None
 
-    async def _process_response(self, **kwargs):
+    async def _process_response(self, *, cast_to, options, response, stream, stream_cls):
         return None
 """
 

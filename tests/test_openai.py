@@ -9,6 +9,7 @@ Stream-specific behaviour (usage injection, abandoned streams) lives in
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -825,7 +826,31 @@ def test_patch_refuses_an_sdk_that_lost_a_hook_point(broken_sdk: str) -> None:
     base = sys.modules[f"{broken_sdk}._base_client"]
     assert not getattr(base, "_runguard_patched", False)
     # nothing was half-patched
-    assert not hasattr(base.SyncAPIClient.__dict__["request"], "runguard_wrapper")
+    assert not hasattr(base.SyncAPIClient.__dict__["request"], "runguard_hook")
+
+
+def test_patch_refuses_an_sdk_whose_hook_point_lost_a_parameter_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "runguard_reshaped_sdk"
+    package = write_stand_in(tmp_path, name, "_send_request", import_submodules=False)
+    base_client = package / "_base_client.py"
+    source = base_client.read_text()
+    shape = "def _process_response_data(self, *, data, cast_to, response):"
+    assert shape in source
+    reshaped = shape.replace("cast_to, response", "cast_to, **rest")
+    base_client.write_text(source.replace(shape, reshaped))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        missing = f"{name}._base_client.BaseClient._process_response_data's parameter 'response'"
+        assert _stainless.missing_hooks(name, "_send_request") == [missing]
+        with pytest.raises(runguard.InstrumentationError, match=re.escape(missing)):
+            _stainless.patch(name, openai_adapter)
+        base = sys.modules[f"{name}._base_client"]
+        assert not hasattr(vars(base.SyncAPIClient)["request"], "runguard_hook")
+    finally:
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[module]
 
 
 def test_patch_names_a_missing_streaming_module(

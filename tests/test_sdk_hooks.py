@@ -83,7 +83,7 @@ seen["hooked"] = sorted(
     f"{cls}.{name}"
     for cls in ("BaseClient", "SyncAPIClient", "AsyncAPIClient")
     for name, value in vars(getattr(base, cls, object)).items()
-    if hasattr(value, "runguard_wrapper")
+    if hasattr(value, "runguard_hook")
 )
 print(json.dumps(seen))
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from contextvars import Token
 from typing import Any
 
 from . import budgets
@@ -47,6 +48,7 @@ class Call(Reservation):
         "leases",
         "llm_seconds",
         "model",
+        "options",
         "output_tokens",
         "overrides",
         "pending_tools",
@@ -55,8 +57,17 @@ class Call(Reservation):
         "reading",
         "reported",
         "settle_on_body",
+        "started",
+        "token",
         "tool_calls",
     )
+
+    # Set by the SDK hook around request(), which runs inside the call, when
+    # it admits the call: the options it sends, its mark in the context, and
+    # when it started (perf_counter).
+    options: Any
+    token: Token[Call | None]
+    started: float
 
     def __init__(
         self,

@@ -52,6 +52,7 @@ from .._errors import GuardTripped, InstrumentationError
 from .._ledger import LEDGER, Account
 from .._records import Attempt
 from .._scope import active_accounts
+from ._hooks import Split, hooked
 from ._http import REFUSAL_STATUSES, attempt_of
 
 log = logging.getLogger("runguard")
@@ -119,6 +120,14 @@ _ANSWER_HOOKS: tuple[tuple[str, str, str], ...] = (
 )
 #: called before the SDK waits to retry (newer SDKs, older ones)
 _RETRY_METHODS = ("_sleep_for_retry", "_retry_request")
+#: the parameters each hook reads, by name (see ``_hooks``); the others it only passes on
+_READS: dict[str, tuple[str, ...]] = {
+    "request": ("options",),
+    "_process_response_data": ("data", "response"),
+    "_process_response": ("response",),
+    "_should_retry": ("response",),
+    "_make_status_error_from_response": ("response",),
+}
 
 
 def _missing(package: str, hooks: tuple[tuple[str, str, str], ...]) -> list[str]:
@@ -131,8 +140,13 @@ def _missing(package: str, hooks: tuple[tuple[str, str, str], ...]) -> list[str]
                 missing.append(f"{package}.{module_name}")
             continue
         cls = getattr(module, class_name, None)
-        if cls is None or not callable(getattr(cls, method, None)):
-            missing.append(f"{package}.{module_name}.{class_name}.{method}")
+        found = getattr(cls, method, None)
+        where = f"{package}.{module_name}.{class_name}.{method}"
+        if not callable(found):
+            missing.append(where)
+            continue
+        has = inspect.signature(found).parameters
+        missing += [f"{where}'s parameter {n!r}" for n in _READS.get(method, ()) if n not in has]
     return missing
 
 
@@ -176,56 +190,42 @@ def patch(package: str, adapter: Adapter) -> None:
             f"refuses to run unguarded. Pin a supported {package} version or upgrade runguard."
         )
     streaming = importlib.import_module(f"{package}._streaming")
-    request, arequest = _request_wrappers(adapter)
-    _hook(base.SyncAPIClient, "request", request)
-    _hook(base.AsyncAPIClient, "request", arequest)
+    request = _request_split(adapter)
+    hooks: list[tuple[type, str, Split]] = [
+        (base.SyncAPIClient, "request", request),
+        (base.AsyncAPIClient, "request", request),
+        (base.BaseClient, "_process_response_data", _data_split(adapter)),
+        (streaming.Stream, "__stream__", Split(_tagged_call, after=_metered)),
+        (streaming.AsyncStream, "__stream__", Split(_tagged_call, after=_ametered)),
+    ]
     if per_attempt:
-        attempt, aattempt = _attempt_wrappers(adapter)
-        for cls in _defining(base.SyncAPIClient, adapter.attempt_method):
-            _hook(cls, adapter.attempt_method, attempt)
-        for cls in _defining(base.AsyncAPIClient, adapter.attempt_method):
-            _hook(cls, adapter.attempt_method, aattempt)
+        method = adapter.attempt_method
+        attempt = Split(_attempt_starts, _attempted(adapter), _attempt_raised)
+        aattempt = Split(_attempt_starts, _aattempted(adapter), _attempt_raised)
+        hooks += [(cls, method, attempt) for cls in _defining(base.SyncAPIClient, method)]
+        hooks += [(cls, method, aattempt) for cls in _defining(base.AsyncAPIClient, method)]
     else:
-        _hook(base.BaseClient, "_build_request", _refuse_stopped)
-        _hook(base.BaseClient, "_should_retry", _should_retry)
-        _hook(base.BaseClient, "_make_status_error_from_response", _final_failure)
-        answered = _success_wrapper(adapter)
-        _hook(base.SyncAPIClient, "_process_response", answered)
-        _hook(base.AsyncAPIClient, "_process_response", answered)
+        answered = Split(_success(adapter))
+        hooks += [
+            (base.BaseClient, "_build_request", Split(_refuse_stopped)),
+            (base.BaseClient, "_should_retry", Split(_retry_asked, after=_retry_answered)),
+            (base.BaseClient, "_make_status_error_from_response", Split(_final_failure)),
+            (base.SyncAPIClient, "_process_response", answered),
+            (base.AsyncAPIClient, "_process_response", answered),
+        ]
     for method in _RETRY_METHODS:
         for root in (base.SyncAPIClient, base.AsyncAPIClient):
-            for cls in _defining(root, method):
-                _hook(cls, method, _refuse_stopped)
-    _hook(base.BaseClient, "_process_response_data", _data_wrapper(adapter))
-    _hook(streaming.Stream, "__stream__", _stream)
-    _hook(streaming.AsyncStream, "__stream__", _astream)
+            hooks += [(cls, method, Split(_refuse_stopped)) for cls in _defining(root, method)]
+    # every hook is compiled before any is installed: a surprise leaves the SDK as it was
+    compiled = [(cls, name, compile_hook(cls, name, split)) for cls, name, split in hooks]
+    for cls, name, function in compiled:
+        setattr(cls, name, function)
     setattr(base, "_runguard_patched", True)  # noqa: B010
 
 
-def _hook(cls: type, name: str, wrapper: Callable[..., Any]) -> None:
-    """Replace ``cls.name`` with a function that calls ``wrapper(original, self, args, kwargs)``.
-
-    ``original`` comes bound to ``self``: wrapt's calling convention, without
-    its proxy objects. wrapt's bound proxy costs about 0.5 µs more per call
-    than a plain function, and three of these run on every LLM call. The
-    original stays reachable as ``__wrapped__``, the wrapper as
-    ``runguard_wrapper``.
-    """
-    original = inspect.getattr_static(cls, name)  # may be inherited, or another's wrapper
-    hooked: Callable[..., Any]
-    if inspect.iscoroutinefunction(original):
-
-        async def hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return await wrapper(original.__get__(self), self, args, kwargs)
-
-    else:
-
-        def hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return wrapper(original.__get__(self), self, args, kwargs)
-
-    functools.update_wrapper(hooked, original)
-    hooked.runguard_wrapper = wrapper  # type: ignore[union-attr]
-    setattr(cls, name, hooked)
+def compile_hook(cls: type, name: str, split: Split) -> Callable[..., Any]:
+    """``split`` as a function to put in place of ``cls.name``, given the arguments it reads."""
+    return hooked(cls, name, split, _READS.get(name, ()))
 
 
 def _defining(root: type, method: str) -> list[type]:
@@ -243,23 +243,8 @@ def _defining(root: type, method: str) -> list[type]:
     return found
 
 
-def _options(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return args[1] if len(args) > 1 else kwargs.get("options")
-
-
-def _with_options(
-    args: tuple[Any, ...], kwargs: dict[str, Any], options: Any
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if len(args) > 1:
-        return (args[0], options, *args[2:]), kwargs
-    return args, {**kwargs, "options": options}
-
-
-def _begin(
-    adapter: Adapter, accounts: tuple[Account, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Call | None:
+def _begin(adapter: Adapter, accounts: tuple[Account, ...], options: Any) -> Call | None:
     """Admit the call in every active guard (raising if refused), or None if not billable."""
-    options = args[1] if len(args) > 1 else kwargs.get("options")  # _options(), one call less
     if len(accounts) == 1:
         fingerprint = accounts[0].needs_fingerprint
     else:
@@ -274,78 +259,45 @@ def _begin(
     return call
 
 
-def _request_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    def request(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+def _request_split(adapter: Adapter) -> Split:
+    """``request()``, sync and async: admit the call, time it, settle it."""
+
+    def before(client: Any, options: Any) -> Call | None:
         accounts = active_accounts()
         if not accounts:
-            return wrapped(*args, **kwargs)
+            return None
         try:
-            call = _begin(adapter, accounts, args, kwargs)
+            call = _begin(adapter, accounts, options)
         except GuardTripped as refused:
             _report_trip(refused)
             raise
         if call is None:
-            return wrapped(*args, **kwargs)
-        if call.request.stream:
-            args, kwargs = _with_options(
-                args, kwargs, adapter.prepare(_options(args, kwargs), call)
-            )
-        token = _current.set(call)
-        started = perf_counter()
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as failure:
-            call.llm_seconds += perf_counter() - started
-            call.finish(failed=True)
-            tripped = _tripped(failure)
-            if tripped is not None:
-                _report_trip(tripped)
-                if tripped is not failure:
-                    raise tripped from None
-            raise
-        finally:
-            _current.reset(token)
-        call.llm_seconds += perf_counter() - started
-        if not call.deferred:
-            call.finish()
-        return result
+            return None
+        call.options = adapter.prepare(options, call) if call.request.stream else options
+        call.token = _current.set(call)
+        call.started = perf_counter()
+        return call
 
-    async def arequest(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        accounts = active_accounts()
-        if not accounts:
-            return await wrapped(*args, **kwargs)
-        try:
-            call = _begin(adapter, accounts, args, kwargs)
-        except GuardTripped as refused:
-            _report_trip(refused)
-            raise
-        if call is None:
-            return await wrapped(*args, **kwargs)
-        if call.request.stream:
-            args, kwargs = _with_options(
-                args, kwargs, adapter.prepare(_options(args, kwargs), call)
-            )
-        token = _current.set(call)
-        started = perf_counter()
-        try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException as failure:
-            call.llm_seconds += perf_counter() - started
-            call.finish(failed=True)
-            tripped = _tripped(failure)
-            if tripped is not None:
-                _report_trip(tripped)
-                if tripped is not failure:
-                    raise tripped from None
-            raise
-        finally:
-            _current.reset(token)
-        call.llm_seconds += perf_counter() - started
-        if not call.deferred:
-            call.finish()
-        return result
+    return Split(before, _request_returned, _request_raised, rebind="options")
 
-    return request, arequest
+
+def _request_returned(call: Call, result: Any) -> Any:
+    call.llm_seconds += perf_counter() - call.started
+    _current.reset(call.token)
+    if not call.deferred:
+        call.finish()
+    return result
+
+
+def _request_raised(call: Call, failure: BaseException) -> None:
+    call.llm_seconds += perf_counter() - call.started
+    _current.reset(call.token)
+    call.finish(failed=True)
+    tripped = _tripped(failure)
+    if tripped is not None:
+        _report_trip(tripped)
+        if tripped is not failure:
+            raise tripped from None
 
 
 def _tripped(failure: BaseException) -> GuardTripped | None:
@@ -369,18 +321,24 @@ def _report_trip(refused: GuardTripped) -> None:
         mark_trace(refused.trip)
 
 
-def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    def attempt(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        call = _current.get()
-        # an SDK override that calls the base method sends one attempt, not two
-        if call is None or call.attempting:
-            return wrapped(*args, **kwargs)
-        LEDGER.refuse_if_stopped(call)  # after a storm, not even a pending retry is sent
-        call.attempting = True
-        try:
-            sent = wrapped(*args, **kwargs)
-        finally:
-            call.attempting = False
+def _attempt_starts(client: Any) -> Call | None:
+    """Before an HTTP attempt of the call in flight: refuse it if the call's guards stopped."""
+    call = _current.get()
+    # an SDK override that calls the base method sends one attempt, not two
+    if call is None or call.attempting:
+        return None
+    LEDGER.refuse_if_stopped(call)  # after a storm, not even a pending retry is sent
+    call.attempting = True
+    return call
+
+
+def _attempt_raised(call: Call, failure: BaseException) -> None:
+    call.attempting = False
+
+
+def _attempted(adapter: Adapter) -> Callable[[Call, Any], Any]:
+    def attempted(call: Call, sent: Any) -> Any:
+        call.attempting = False
         # anthropic's _attempt_request returns (response, the options it sent)
         response = sent[0] if type(sent) is tuple else sent
         if _answered(adapter, call, response):
@@ -390,18 +348,12 @@ def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
             _report(call, response, attempt_of(response.status_code, response.headers, body))
         return sent
 
-    async def aattempt(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        call = _current.get()
-        # an SDK override that calls the base method sends one attempt, not two
-        if call is None or call.attempting:
-            return await wrapped(*args, **kwargs)
-        LEDGER.refuse_if_stopped(call)
-        call.attempting = True
-        try:
-            sent = await wrapped(*args, **kwargs)
-        finally:
-            call.attempting = False
-        # anthropic's _attempt_request returns (response, the options it sent)
+    return attempted
+
+
+def _aattempted(adapter: Adapter) -> Callable[[Call, Any], Any]:
+    async def attempted(call: Call, sent: Any) -> Any:
+        call.attempting = False
         response = sent[0] if type(sent) is tuple else sent
         if _answered(adapter, call, response):
             body = None
@@ -417,19 +369,14 @@ def _attempt_wrappers(adapter: Adapter) -> tuple[Callable[..., Any], Callable[..
                 raise
         return sent
 
-    return attempt, aattempt
+    return attempted
 
 
-def _refuse_stopped(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """Before an attempt is built, or a retry waits: refuse it once attempts are stopped.
-
-    For an async original, ``wrapped`` returns the coroutine, and the check
-    runs when it is awaited.
-    """
+def _refuse_stopped(client: Any) -> None:
+    """Before an attempt is built, or a retry waits: refuse it once attempts are stopped."""
     call = _current.get()
     if call is not None:
         LEDGER.refuse_if_stopped(call)
-    return wrapped(*args, **kwargs)
 
 
 def _failed(call: Call, response: Any, last: bool) -> bool:
@@ -451,39 +398,51 @@ def _failed(call: Call, response: Any, last: bool) -> bool:
     return True
 
 
-def _should_retry(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+class _Retry(NamedTuple):
+    call: Call
+    response: Any
+    #: reported before the SDK decided; None when the report stopped the call
+    reported: bool | None
+
+
+def _retry_asked(client: Any, response: Any) -> _Retry | None:
     call = _current.get()
     if call is None:
-        return wrapped(*args, **kwargs)
-    response = args[0] if args else kwargs["response"]
+        return None
     try:
-        if _failed(call, response, last=False):
-            return wrapped(*args, **kwargs)
-        retry = wrapped(*args, **kwargs)
-        if retry:  # the SDK drops the unread body: count the attempt without it
-            _failed(call, response, last=True)
-        return retry  # else the SDK reads the body, then makes its error from it
+        return _Retry(call, response, _failed(call, response, last=False))
     except GuardTripped:
-        # Say "retry": the SDK then closes the response (which an async one
-        # cannot be here) and refuses in its retry hook, before waiting.
+        return _Retry(call, response, None)
+
+
+def _retry_answered(asked: _Retry, retry: Any) -> Any:
+    """The SDK's answer, or "retry" for a stopped call.
+
+    Saying "retry", the SDK closes the response (which an async one cannot be
+    here) and refuses in its retry hook, before waiting.
+    """
+    if asked.reported is None:
         return True
+    if not asked.reported and retry:
+        # the SDK drops the unread body: count the attempt without it
+        try:
+            _failed(asked.call, asked.response, last=True)
+        except GuardTripped:
+            return True
+    return retry  # else the SDK reads the body, then makes its error from it
 
 
-def _final_failure(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+def _final_failure(client: Any, response: Any) -> None:
     call = _current.get()
     if call is not None:
-        _failed(call, args[0] if args else kwargs["response"], last=True)
-    return wrapped(*args, **kwargs)
+        _failed(call, response, last=True)
 
 
-def _success_wrapper(adapter: Adapter) -> Callable[..., Any]:
-    def answered(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+def _success(adapter: Adapter) -> Callable[[Any, Any], None]:
+    def answered(client: Any, response: Any) -> None:
         call = _current.get()
-        if call is not None:
-            response = kwargs.get("response")
-            if _answered(adapter, call, response):
-                _report(call, response, attempt_of(response.status_code, response.headers, None))
-        return wrapped(*args, **kwargs)
+        if call is not None and _answered(adapter, call, response):
+            _report(call, response, attempt_of(response.status_code, response.headers, None))
 
     return answered
 
@@ -621,42 +580,30 @@ def _settle_closed(adapter: Adapter, call: Call, response: Any) -> None:
     call.finish()
 
 
-def _data_wrapper(adapter: Adapter) -> Callable[..., Any]:
-    def process_data(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+def _data_split(adapter: Adapter) -> Split:
+    def before(client: Any, data: Any, response: Any) -> None:
         # A body parsed inside request() belongs to the call in flight; one
         # read later (stream events, a raw response) to the call tied to it.
-        call = _current.get() or getattr(kwargs.get("response"), _TAG, None)
+        call = _current.get() or getattr(response, _TAG, None)
         if call is not None and call.open:
             try:
-                adapter.read_usage(kwargs.get("data"), call)
+                adapter.read_usage(data, call)
             except Exception:
                 log.exception("runguard: could not read usage from a response")
-        return wrapped(*args, **kwargs)
 
-    return process_data
-
-
-def _stream(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    iterator = wrapped(*args, **kwargs)
-    call = getattr(getattr(instance, "response", None), _TAG, None)
-    if call is None:
-        return iterator
-    return _metered(iterator, call)
+    return Split(before)
 
 
-def _astream(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    iterator = wrapped(*args, **kwargs)
-    call = getattr(getattr(instance, "response", None), _TAG, None)
-    if call is None:
-        return iterator
-    return _ametered(iterator, call)
+def _tagged_call(stream: Any) -> Call | None:
+    """The call a stream's response was tied to, if any: its reads are metered."""
+    return getattr(getattr(stream, "response", None), _TAG, None)
 
 
 def _is_usage_chunk(item: Any) -> bool:
     return getattr(item, "choices", None) == [] and getattr(item, "usage", None) is not None
 
 
-def _metered(iterator: Iterator[Any], call: Call) -> Iterator[Any]:
+def _metered(call: Call, iterator: Iterator[Any]) -> Iterator[Any]:
     """Yield the stream's items, timing each read; settle however the stream ends."""
     try:
         while True:
@@ -679,7 +626,7 @@ def _metered(iterator: Iterator[Any], call: Call) -> Iterator[Any]:
         call.finish()
 
 
-async def _ametered(iterator: AsyncIterator[Any], call: Call) -> AsyncIterator[Any]:
+async def _ametered(call: Call, iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
     try:
         while True:
             started = perf_counter()
