@@ -750,6 +750,12 @@ def test_requests_differing_only_in_sampling_settings_are_identical(
 
 VARIATIONS = {
     "message": lambda c: ask(c, "find y", tools=TOOLS),
+    "role": lambda c: c.chat.completions.create(
+        model=MODEL, messages=[{**m, "role": "developer"} for m in MESSAGES], tools=TOOLS
+    ),
+    "name": lambda c: c.chat.completions.create(
+        model=MODEL, messages=[{**m, "name": "ann"} for m in MESSAGES], tools=TOOLS
+    ),
     "extra-message": lambda c: c.chat.completions.create(
         model=MODEL, messages=[*MESSAGES, {"role": "user", "content": "please"}], tools=TOOLS
     ),

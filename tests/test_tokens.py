@@ -4,6 +4,7 @@ path built offline from bpe-openai's shipped encoding file, and never the networ
 from __future__ import annotations
 
 import base64
+import copy
 import gzip
 import hashlib
 import importlib.util
@@ -11,9 +12,12 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiktoken
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import tiktoken.registry
 
 from runguard import RunGuard, tokens
@@ -360,3 +364,59 @@ def test_an_image_call_is_admitted_under_a_token_ceiling(fresh_counters) -> None
         client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=10)
     assert fake.wire_count == 1
     assert guard.usage.input_tokens == IMAGE_TOKENS
+
+
+# -- fingerprinting walk -------------------------------------------------------------
+
+_texts = st.sampled_from(["", "x", "find x", "user", "assistant", "ann", "call_1", "{}"])
+_leaves = st.one_of(_texts, st.none(), st.integers(-2, 2), st.booleans())
+_values = st.recursive(
+    _leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_texts, inner, max_size=3),
+    max_leaves=6,
+)
+_messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": _texts}, optional={"content": _values, "name": _texts, "type": _texts}
+    ).flatmap(lambda m: st.dictionaries(_texts, _values, max_size=2).map(lambda x: {**x, **m})),
+    max_size=4,
+)
+# the common case: messages of plain texts, which a fingerprinting walk takes whole
+_flat_messages = st.lists(
+    st.dictionaries(_texts, _texts, max_size=3).map(lambda m: {**m, "content": m.get("", "x")}),
+    max_size=3,
+)
+
+
+def _noted(messages: Any) -> tuple[int, tuple[Any, ...]]:
+    trace: list[Any] = []
+    total = count_messages(messages, counter_for("openai", "gpt-4o"), trace.append)
+    return total, tuple(trace)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages | _flat_messages)
+def test_a_fingerprinting_walk_counts_what_a_plain_one_counts(messages: Any) -> None:
+    # messages of plain values are counted whole from a memo when noted; the rest are walked
+    count = counter_for("openai", "gpt-4o")
+    assert _noted(messages)[0] == count_messages(messages, count)
+    assert _noted(messages) == _noted(messages)  # memo hits note what misses noted
+
+
+def _ordered(value: Any) -> Any:
+    """``value`` compared as a fingerprint compares it: key order counts."""
+    if isinstance(value, dict):
+        return ("dict", tuple((key, _ordered(item)) for key, item in value.items()))
+    if isinstance(value, list):
+        return ("list", tuple(_ordered(item) for item in value))
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages | _flat_messages, _messages | _flat_messages)
+def test_different_histories_are_noted_differently(first: Any, second: Any) -> None:
+    # what is noted is hashed into the loop guards' fingerprint
+    if _ordered(first) != _ordered(second):
+        assert _noted(first)[1] != _noted(second)[1]
+    else:
+        assert _noted(first)[1] == _noted(copy.deepcopy(second))[1]

@@ -24,7 +24,8 @@ Chat messages add the per-message overhead of OpenAI's published counting
 rule (3 tokens a message, 1 for a ``name``, 3 to prime the reply). Images
 and other binary parts count :data:`IMAGE_TOKENS` each instead of their
 base64 text. Counts of strings are cached (bounded), because an agent loop
-resends the same history on every call.
+resends the same history on every call; so are counts of whole messages of
+plain text, which a walk that fingerprints the request takes in one piece.
 """
 
 from __future__ import annotations
@@ -125,16 +126,42 @@ class _Memo(dict[str, int]):
     below looks up every string of the history on every call.
     """
 
+    __slots__ = ("count", "messages")
+
+    def __init__(self, count: Counter) -> None:
+        super().__init__()
+        self.count = count
+        self.messages = _Messages(self.__getitem__)
+
+    def __missing__(self, text: str) -> int:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        tokens = self[text] = self.count(text)
+        return tokens
+
+
+class _Messages(dict[tuple[tuple[Any, Any], ...], int]):
+    """Counts of whole chat messages of plain values, keyed by ``tuple(message.items())``.
+
+    When a request is fingerprinted, the key is noted in one piece, and this
+    saves walking the message to note its fields one by one. (Without a
+    fingerprint, building the key costs as much as the walk it saves.)
+    """
+
     __slots__ = ("count",)
 
     def __init__(self, count: Counter) -> None:
         super().__init__()
         self.count = count
 
-    def __missing__(self, text: str) -> int:
+    def __missing__(self, items: tuple[tuple[Any, Any], ...]) -> int:
         if len(self) >= _CACHE_LIMIT:
             self.clear()
-        tokens = self[text] = self.count(text)
+        message = dict(items)
+        tokens = MESSAGE_TOKENS + _count_mapping(message, self.count, None)
+        if "name" in message:
+            tokens += 1
+        self[items] = tokens
         return tokens
 
 
@@ -338,8 +365,11 @@ def count_messages(messages: Any, count: Counter, note: Note | None = None) -> i
     """
     if not isinstance(messages, (list, tuple)):
         return count_content(messages, count, note)
+    known = None
     if note is not None:
         note(_SEQUENCE)
+        memo = getattr(count, "__self__", None)
+        known = memo.messages if type(memo) is _Memo else None
     total = REPLY_TOKENS
     for message in messages:
         if type(message) is dict:
@@ -350,6 +380,17 @@ def count_messages(messages: Any, count: Counter, note: Note | None = None) -> i
                     if key not in _SKIP_KEYS:
                         total += count(item) if type(item) is str else count_content(item, count)
             else:
+                if known is not None and note is not None and type(message.get("content")) is str:
+                    # Fingerprinting, a message of plain values (its content text) is
+                    # counted whole from the memo and noted as its key: no walk.
+                    items = tuple(message.items())
+                    try:
+                        total += known[items]
+                    except TypeError:  # a value that is not hashable: walked below
+                        pass
+                    else:
+                        note(items)
+                        continue
                 total += MESSAGE_TOKENS + _count_mapping(message, count, note)
             if "name" in message:
                 total += 1
