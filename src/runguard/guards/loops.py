@@ -10,7 +10,7 @@ different arguments never trip them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Hashable
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from .._errors import LoopDetected
@@ -24,19 +24,17 @@ if TYPE_CHECKING:
 DEFAULT_LOOP_WINDOW = 20
 
 
-_NOTHING: frozenset[Hashable] = frozenset()
-
-
 class _Window:
-    """How often each key appeared in the last ``size`` calls (once per call at most)."""
+    """How often each key appeared in the last ``size`` calls."""
 
     __slots__ = ("counts", "recent")
 
     def __init__(self, size: int) -> None:
-        self.recent: deque[frozenset[Hashable]] = deque(maxlen=size)
+        self.recent: deque[tuple[Hashable, ...]] = deque(maxlen=size)
         self.counts: dict[Hashable, int] = {}
 
-    def push(self, keys: Collection[Hashable]) -> None:
+    def push(self, keys: tuple[Hashable, ...]) -> None:
+        """Count one call's ``keys``, which must be distinct (a key counts once per call)."""
         counts = self.counts
         recent = self.recent
         if len(recent) == recent.maxlen:
@@ -46,9 +44,8 @@ class _Window:
                     counts[old] = left
                 else:
                     del counts[old]
-        added = frozenset(keys) if keys else _NOTHING
-        recent.append(added)
-        for key in added:
+        recent.append(keys)
+        for key in keys:
             counts[key] = counts.get(key, 0) + 1
 
 
@@ -89,7 +86,9 @@ class RepeatedToolCalls:
 
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
         memory = account.state.get(self) or _window(self, self.window, account)
-        memory.push(result.tool_calls)
+        calls = result.tool_calls
+        # an answer asking twice for one tool call counts it once
+        memory.push(calls if len(calls) < 2 else tuple(set(calls)))
         counts = memory.counts
         for tool_call in result.tool_calls:
             seen = counts[tool_call]

@@ -91,9 +91,11 @@ def hooked(cls: type, name: str, split: Split, reads: tuple[str, ...]) -> Callab
             )
     source = "\n    ".join([f"{'async ' if coroutine else ''}def {name}({own}):", *body]) + "\n"
     namespace.update(
-        _rg_original=original, _rg_before=split.before, _rg_after=split.after,
+        _rg_original=original,
+        _rg_before=split.before,
+        _rg_after=split.after,
         _rg_failed=split.failed,
-    )  # fmt: skip
+    )
     filename = f"<runguard hook {cls.__qualname__}.{name} #{next(_serials)}>"
     # registered, so that tracebacks through the hook show its lines
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
