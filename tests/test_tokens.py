@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import tiktoken
+import tiktoken.registry
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import tiktoken.registry
 
 from runguard import RunGuard, tokens
 from runguard.testing import FakeProvider, Reply
