@@ -26,8 +26,9 @@ A fresh subprocess that never instruments the SDK also times the bare call, as a
 cross-check of the unpatched arm (not paired: another process, another moment).
 
 Library only. Driving 100,000 whole SDK calls would take minutes, so the long run
-drives the hook functions RunGuard installed on the SDK (taken from the
-installed wrappers) around a stub of the SDK's call chain, ``request`` ->
+drives the hooks RunGuard installed on the SDK (their parts, compiled again
+for the stub's methods as RunGuard compiles them for the SDK's) around a stub
+of the SDK's call chain, ``request`` ->
 ``_send_request``, then ``_process_response`` -> ``_process_response_data``, which does none of the
 SDK's own work (no request building, HTTP or response models). The request
 options are the ones the SDK built for the whole-call benchmark. Each hooked
@@ -170,7 +171,7 @@ def unpatched_client(fake: FakeProvider) -> Any:
 
 
 def installed_hook(cls: type, name: str) -> Any:
-    """The function RunGuard wrapped around ``cls.name``."""
+    """The parts (a ``Split``) of the hook RunGuard installed on ``cls.name``."""
     hooked = vars(cls)[name]
     if not hasattr(hooked, "runguard_hook"):
         raise RuntimeError(f"runguard's hook is not installed on {cls.__name__}.{name}")
