@@ -417,6 +417,53 @@ def test_the_ledger_keeps_one_row_per_step_role_and_model(fake: FakeProvider, cl
     assert guard.ledger.by_step["rank"].input_tokens == 667 * fake.default.input_tokens
 
 
+
+CALL_FIELDS = (
+    "calls",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_usd",
+    "llm_seconds",
+    "estimated_calls",
+    "unpriced_calls",
+)
+
+
+def test_a_row_adds_up_every_field_of_its_calls(fake: FakeProvider, client: Any) -> None:
+    # rows are added to in place: each field is checked on a call after the row's first
+    unpriced, claude = "acme-house-model-1", "claude-haiku-4-5"  # the first has no price
+    fake.script(
+        Reply(input_tokens=30, output_tokens=4),
+        Reply(usage=False),  # charged its reservation, counted as estimated
+        Reply(input_tokens=50, output_tokens=6),
+        Reply(input_tokens=1200, cache_read_tokens=1024, output_tokens=7),
+        Reply(usage=False),
+        Reply(input_tokens=20, output_tokens=3),
+        Reply(input_tokens=2100, cache_write_tokens=2000, cache_read_tokens=64, output_tokens=5),
+    )
+    with RunGuard() as guard, step("work"):
+        for model in (MODEL, MODEL, unpriced, MODEL, unpriced):
+            ask(client, model)
+        for _ in range(2):
+            fake.anthropic().messages.create(
+                model=claude, max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+            )
+    assert fake.wire_count == 7
+    rows = guard.ledger.by_model
+    usage = guard.usage
+    assert (rows[unpriced].calls, rows[unpriced].unpriced_calls) == (2, 2)
+    assert (rows[MODEL].estimated_calls, rows[MODEL].cache_read_tokens) == (1, 1024)
+    assert (rows[claude].cache_write_tokens, rows[claude].cache_read_tokens) == (2000, 64)
+    for name in CALL_FIELDS:  # every call is in one step, and in one of three model rows
+        assert getattr(guard.ledger.by_step["work"], name) == pytest.approx(getattr(usage, name))
+        assert sum(getattr(row, name) for row in rows.values()) == pytest.approx(
+            getattr(usage, name)
+        )
+    assert (usage.calls, usage.estimated_calls, usage.unpriced_calls) == (7, 2, 2)
+    assert rows[MODEL].llm_seconds > 0
+
 # -- the step object itself ---------------------------------------------------------------------
 
 

@@ -12,7 +12,6 @@ import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from itertools import count
-from operator import add
 from typing import TYPE_CHECKING, Any
 
 from ._errors import GuardTripped
@@ -104,7 +103,7 @@ class Account:
         #: (ceiling name, fraction) pairs already warned about
         self.fired: set[tuple[str, float]] = set()
         #: (step, role, model) -> that slice's totals, in Usage's field order
-        self.rows: dict[tuple[str | None, str | None, str], Sequence[float]] = {}
+        self.rows: dict[tuple[str | None, str | None, str], list[float]] = {}
         self.guards = tuple(guards)
         #: the guards as admit() and settle() run them: ceilings fused into one
         #: check, and methods that let every call go left out
@@ -269,20 +268,35 @@ class Ledger:
         with self._lock:
             if not _unreserve(reservation):
                 return alerts
+            # A call's usage has nothing in its last three fields (attempts and
+            # artifacts are counted elsewhere). Read once into locals, its fields
+            # are added in place below: cheaper than reading a named tuple's
+            # fields, or a new row made with map(add) on every call.
+            calls, fed, made, read, written, cost, seconds, estimated, unpriced = usage[:9]
+            key = (request.step, request.role, result.model or request.model)
             for account in reservation.accounts:
-                account.calls += usage.calls
-                account.input_tokens += usage.input_tokens
-                account.output_tokens += usage.output_tokens
-                account.cache_read_tokens += usage.cache_read_tokens
-                account.cache_write_tokens += usage.cache_write_tokens
-                account.cost_usd += usage.cost_usd
-                account.llm_seconds += usage.llm_seconds
-                account.estimated_calls += usage.estimated_calls
-                account.unpriced_calls += usage.unpriced_calls
-                key = (request.step, request.role, result.model or request.model)
-                rows = account.rows
-                row = rows.get(key)
-                rows[key] = usage if row is None else list(map(add, row, usage))
+                account.calls += calls
+                account.input_tokens += fed
+                account.output_tokens += made
+                account.cache_read_tokens += read
+                account.cache_write_tokens += written
+                account.cost_usd += cost
+                account.llm_seconds += seconds
+                account.estimated_calls += estimated
+                account.unpriced_calls += unpriced
+                row = account.rows.get(key)
+                if row is None:
+                    account.rows[key] = list(usage)
+                else:
+                    row[0] += calls
+                    row[1] += fed
+                    row[2] += made
+                    row[3] += read
+                    row[4] += written
+                    row[5] += cost
+                    row[6] += seconds
+                    row[7] += estimated
+                    row[8] += unpriced
                 if account.alert_at:
                     alerts.extend((a, account.on_alert) for a in _crossed(account))
                 if account.trip is None:
