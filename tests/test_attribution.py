@@ -417,7 +417,6 @@ def test_the_ledger_keeps_one_row_per_step_role_and_model(fake: FakeProvider, cl
     assert guard.ledger.by_step["rank"].input_tokens == 667 * fake.default.input_tokens
 
 
-
 CALL_FIELDS = (
     "calls",
     "input_tokens",
@@ -463,6 +462,7 @@ def test_a_row_adds_up_every_field_of_its_calls(fake: FakeProvider, client: Any)
         )
     assert (usage.calls, usage.estimated_calls, usage.unpriced_calls) == (7, 2, 2)
     assert rows[MODEL].llm_seconds > 0
+
 
 # -- the step object itself ---------------------------------------------------------------------
 
