@@ -30,6 +30,7 @@ plain text, which a walk that fingerprints the request takes in one piece.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -119,54 +120,51 @@ def _anthropic_tokens(text: str) -> int:
     return round(heuristic_tokens(text) * ANTHROPIC_FACTOR)
 
 
-class _Memo(dict[str, int]):
-    """Counts of strings already seen: agent loops resend the same roles, prompts and history.
+class _Memo(dict[Any, int]):
+    """Counts already made, by what was counted: agent loops resend the same history.
 
     A hit is a plain dict lookup, with no Python frame in between: the walk
-    below looks up every string of the history on every call.
-    """
-
-    __slots__ = ("count", "messages")
-
-    def __init__(self, count: Counter) -> None:
-        super().__init__()
-        self.count = count
-        self.messages = _Messages(self.__getitem__)
-
-    def __missing__(self, text: str) -> int:
-        if len(self) >= _CACHE_LIMIT:
-            self.clear()
-        tokens = self[text] = self.count(text)
-        return tokens
-
-
-class _Messages(dict[tuple[tuple[Any, Any], ...], int]):
-    """Counts of whole chat messages of plain values, keyed by ``tuple(message.items())``.
-
-    When a request is fingerprinted, the key is noted in one piece, and this
-    saves walking the message to note its fields one by one. (Without a
-    fingerprint, building the key costs as much as the walk it saves.)
+    below looks up every string of the history on every call. Bounded: full,
+    it starts over.
     """
 
     __slots__ = ("count",)
 
-    def __init__(self, count: Counter) -> None:
+    def __init__(self, count: Callable[[Any], int]) -> None:
         super().__init__()
         self.count = count
 
-    def __missing__(self, items: tuple[tuple[Any, Any], ...]) -> int:
+    def __missing__(self, key: Any) -> int:
         if len(self) >= _CACHE_LIMIT:
             self.clear()
-        message = dict(items)
-        tokens = MESSAGE_TOKENS + _count_mapping(message, self.count, None)
-        if "name" in message:
-            tokens += 1
-        self[items] = tokens
+        tokens = self[key] = self.count(key)
         return tokens
 
 
+class _Texts(_Memo):
+    """Counts of strings, and of whole chat messages of plain values.
+
+    ``messages`` is keyed by ``tuple(message.items())``. When a request is
+    fingerprinted, that key is noted in one piece, which saves walking the
+    message to note its fields one by one. (Without a fingerprint, building
+    the key costs as much as the walk it saves.)
+    """
+
+    __slots__ = ("messages",)
+
+    def __init__(self, count: Counter) -> None:
+        super().__init__(count)
+        self.messages = _Memo(functools.partial(_message_tokens, self.__getitem__))
+
+
+def _message_tokens(count: Counter, items: tuple[tuple[Any, Any], ...]) -> int:
+    message = dict(items)
+    tokens = MESSAGE_TOKENS + _count_mapping(message, count, None)
+    return tokens + 1 if "name" in message else tokens
+
+
 def _cached(count: Counter) -> Counter:
-    return _Memo(count).__getitem__
+    return _Texts(count).__getitem__
 
 
 # The encoding files tiktoken downloads, and their published SHA-256: a cached
@@ -369,7 +367,7 @@ def count_messages(messages: Any, count: Counter, note: Note | None = None) -> i
     if note is not None:
         note(_SEQUENCE)
         memo = getattr(count, "__self__", None)
-        known = memo.messages if type(memo) is _Memo else None
+        known = memo.messages if type(memo) is _Texts else None
     total = REPLY_TOKENS
     for message in messages:
         if type(message) is dict:
