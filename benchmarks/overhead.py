@@ -342,8 +342,7 @@ def stub_chain() -> tuple[type, type]:
     else:
         hooks += [(base.BaseClient, "_build_request"), (base.SyncAPIClient, "_process_response")]
     for cls, name in hooks:
-        setattr(Hooked, name, vars(Chain)[name])
-        # installed the way RunGuard installs it on the SDK
+        # compiled around Chain's method, the way RunGuard compiles it for the SDK's
         setattr(Hooked, name, _stainless.compile_hook(Hooked, name, installed_hook(cls, name)))
     return Chain, Hooked
 

@@ -811,7 +811,12 @@ def broken_sdk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
-    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+    _forget(name)
+
+
+def _forget(package: str) -> None:
+    """Unload a stand-in package, so the next test imports its own."""
+    for module in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
         del sys.modules[module]
 
 
@@ -849,8 +854,7 @@ def test_patch_refuses_an_sdk_whose_hook_point_lost_a_parameter_it_reads(
         base = sys.modules[f"{name}._base_client"]
         assert not hasattr(vars(base.SyncAPIClient)["request"], "runguard_hook")
     finally:
-        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-            del sys.modules[module]
+        _forget(name)
 
 
 def test_patch_names_a_missing_streaming_module(
