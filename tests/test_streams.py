@@ -16,6 +16,7 @@ import genai_prices
 import openai
 import pytest
 
+import runguard.providers.openai
 from _sdk import accepts, chat_helper, surface
 from runguard import BudgetExceeded, RunGuard, Usage
 from runguard.testing import FakeProvider, Reply
@@ -182,6 +183,52 @@ def test_chat_stream_options_in_extra_body_do_not_cancel_the_usage_request(
     assert sent.get("x_custom") == 1
     assert all(chunk.choices for chunk in chunks)
     assert_exact(guard.usage)
+
+
+class _Interrupted(BaseException):
+    """Stands in for KeyboardInterrupt, which pytest would take as its own."""
+
+
+def _failing_prepare(error: BaseException) -> Callable[..., Any]:
+    def prepare(options: Any, call: Any) -> Any:
+        raise error
+
+    return prepare
+
+
+def test_chat_stream_that_cannot_be_prepared_is_sent_unchanged_and_charged_its_worst_case(
+    fake: FakeProvider,
+    client: openai.OpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(runguard.providers.openai, "prepare", _failing_prepare(RuntimeError("x")))
+    with RunGuard(max_calls=2) as guard:
+        chunks = list(chat_stream(client, max_tokens=CAP))
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    first, second = fake.requests
+    assert "stream_options" not in first.body  # the caller's request, as made
+    assert second.body["messages"] == MESSAGES
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == REPLY.text
+    assert "could not prepare a stream" in caplog.text
+    assert guard.usage.calls == 2
+    assert guard.usage.estimated_calls == 1  # the stream brought no usage: its worst case
+    assert guard.usage.output_tokens == CAP + REPLY.output_tokens
+
+
+def test_chat_stream_interrupted_while_prepared_releases_its_reservation(
+    fake: FakeProvider, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runguard.providers.openai, "prepare", _failing_prepare(_Interrupted()))
+    with RunGuard(max_calls=1) as guard:
+        with pytest.raises(_Interrupted):
+            chat_stream(client)
+        assert not fake.requests
+        # a reservation left behind would refuse this call
+        client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert len(fake.requests) == 1
+    assert guard.usage.calls == 1
+    assert guard.trip is None
 
 
 def test_chat_stream_helper_is_counted_once_with_exact_usage(

@@ -169,6 +169,13 @@ class Call(Reservation):
         for alert, on_alert in alerts:
             deliver(alert, on_alert)
 
+    def release(self) -> None:
+        """Drop the reservation of a call that was never sent; nothing is charged."""
+        LEDGER.release(self)
+        if self.leases:
+            budgets.release(self.leases)
+            self.leases = ()
+
     def _usage(self, failed: bool) -> Usage:
         request = self.request
         estimated = not self.reported and not failed
@@ -257,7 +264,7 @@ def start_call(
         try:
             call.leases = budgets.reserve(shared, request, LEDGER.snapshot)
         except BaseException:
-            LEDGER.release(call)
+            call.release()
             raise
     return call
 

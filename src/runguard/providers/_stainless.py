@@ -273,7 +273,17 @@ def _request_split(adapter: Adapter) -> Split:
             raise
         if call is None:
             return None
-        call.options = adapter.prepare(options, call) if call.request.stream else options
+        if call.request.stream:
+            try:
+                options = adapter.prepare(options, call)
+            except Exception:
+                # Accounting must not break the call: it goes as the caller made it,
+                # and usage it then lacks is charged at the reserved worst case.
+                log.exception("runguard: could not prepare a stream; sending it unchanged")
+            except BaseException:
+                call.release()  # not sent: nothing to charge
+                raise
+        call.options = options
         call.token = _current.set(call)
         call.started = perf_counter()
         return call
