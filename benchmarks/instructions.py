@@ -1,4 +1,4 @@
-"""RunGuard's per-call cost in CPU instructions, which a busy machine does not blur.
+"""RunGuard's per-call cost in CPU instructions and cache lines, which a busy machine does not blur.
 
 Run ``python benchmarks/instructions.py`` (a few minutes; needs ``valgrind``).
 
@@ -15,16 +15,25 @@ Arms: the stub alone (``plain``), hooked with no guard active (``fast``),
 inside a guard with the five ceilings (``five``), and inside a guard with
 every guard set (``every``, cycling requests so no loop guard trips).
 
-With ``--in-situ`` it also counts whole SDK calls (``sdk-*`` arms, a few minutes more):
+With ``--in-situ`` it also counts whole SDK calls, 25 and 75 of them by default (``sdk-*``
+arms, about 25 minutes more on two cores):
 ``openai`` ``chat.completions.create`` over FakeProvider's in-memory transport, on a client
 whose hooked methods are shadowed by the SDK's originals (``sdk-bare``, as if RunGuard were
 not installed), and on an instrumented client outside any guard, with the five ceilings and
 with every guard. RunGuard adds about what it adds in the hot loop there; a whole call's
 count varies by up to 15,000 instructions from run to run (the SDK's own work does).
 
-Instructions are not time: a CPU runs roughly ten thousand of these a
-microsecond in this hot loop, fewer when RunGuard's code is cold inside a
-real SDK call. Use the figures to compare versions of RunGuard, and
+Instructions are not time, least of all inside a real SDK call. Between two
+calls the SDK's own work (and, in an agent, everything else it does) pushes
+RunGuard's code and data out of the CPU's per-core cache, so inside a real
+call most of what RunGuard pays is waiting for memory. The in-situ arms
+therefore also run callgrind's cache model with a last-level cache of 1 MiB,
+the size of one core's L2 cache on this machine, and print the cache lines
+each call fetched from beyond it. On this machine each such line costs
+roughly 40 ns (a third-level cache hit, or main memory), which is why
+1 % more instructions can make the call 5 % slower. Fewer distinct objects,
+functions and bytecode touched per call lower this count; fewer instructions
+alone may not. Use the figures to compare versions of RunGuard, and
 ``overhead.py`` for microseconds.
 """
 
@@ -99,18 +108,22 @@ def run_sdk_arm(bench: Any, fake: Any, client: Any, arm: str, calls: int) -> Non
     ctx.run(loop, calls)
 
 
-def instructions(arm: str, calls: int) -> int:
+#: callgrind's cache model for whole SDK calls: a last-level cache the size of one core's L2 here
+L2_MODEL = ("--cache-sim=yes", "--LL=1048576,16,64")
+
+
+def instructions(arm: str, calls: int) -> tuple[int, int]:
+    """Instructions executed, and cache lines fetched from beyond L2 (0 for hot-loop arms)."""
+    return callgrind(
+        [sys.executable, __file__, "--arm", arm, str(calls)], cache=arm.startswith("sdk-")
+    )
+
+
+def callgrind(command: list[str], cache: bool) -> tuple[int, int]:
+    """Run ``command`` under callgrind: (instructions, lines fetched beyond L2 if ``cache``)."""
+    model = L2_MODEL if cache else ()
     done = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            __file__,
-            "--arm",
-            arm,
-            str(calls),
-        ],
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *model, *command],
         capture_output=True,
         text=True,
         check=False,
@@ -118,23 +131,34 @@ def instructions(arm: str, calls: int) -> int:
         env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     found = re.search(r"Collected : (\d+)", done.stderr)
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(f"callgrind failed for {arm}:\n{done.stderr[-2000:]}")
-    return int(found.group(1))
+    lines = re.search(r"LL misses:\s+([\d,]+)", done.stderr) if cache else None
+    if done.returncode != 0 or found is None or (cache and lines is None):
+        raise RuntimeError(f"callgrind failed for {command}:\n{done.stderr[-2000:]}")
+    return int(found.group(1)), int(lines.group(1).replace(",", "")) if lines else 0
 
 
-def per_call(arms: tuple[str, ...], n: int) -> dict[str, float]:
-    """Instructions per call of each arm: (count at 3n - count at n) / 2n, processes in parallel."""
+def per_call(arms: tuple[str, ...], n: int) -> dict[str, tuple[float, float]]:
+    """(instructions, L2 lines) per call of each arm: (count at 3n - count at n) / 2n."""
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         runs = {(arm, k): pool.submit(instructions, arm, k) for arm in arms for k in (n, 3 * n)}
-        return {arm: (runs[arm, 3 * n].result() - runs[arm, n].result()) / (2 * n) for arm in arms}
+        found = {key: run.result() for key, run in runs.items()}
+    return {
+        arm: (
+            (found[arm, 3 * n][0] - found[arm, n][0]) / (2 * n),
+            (found[arm, 3 * n][1] - found[arm, n][1]) / (2 * n),
+        )
+        for arm in arms
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000, help="N (default 1000)")
     parser.add_argument(
-        "--in-situ", action="store_true", help="also count whole SDK calls (a few minutes more)"
+        "--in-situ", action="store_true", help="also count whole SDK calls (about 25 minutes more)"
+    )
+    parser.add_argument(
+        "--sdk-calls", type=int, default=25, help="N for whole SDK calls (default 25)"
     )
     parser.add_argument("--arm", nargs=2, metavar=("ARM", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,21 +171,23 @@ def main() -> int:
     n = args.calls
     print(f"Python {sys.version.split()[0]}: instructions per call, from {n:,} and {3 * n:,} calls")
     print("RunGuard's hooks around the stub SDK chain (hot loop):")
-    counted = per_call(ARMS, n)
+    counted = {arm: ir for arm, (ir, _) in per_call(ARMS, n).items()}
     for arm in ARMS:
         added = counted[arm] - counted["plain"]
         note = "" if arm == "plain" else f"   RunGuard adds {added:>9,.0f}"
         print(f"  {arm:<9} {counted[arm]:>12,.0f}{note}")
     if args.in_situ:
-        sdk_n = max(1, n // 10)
+        sdk_n = args.sdk_calls
         print(f"Whole openai chat.completions.create calls, from {sdk_n:,} and {3 * sdk_n:,}:")
-        counted = per_call(SDK_ARMS, sdk_n)
-        bare = counted["sdk-bare"]
+        print(f"  {'':<9} {'instructions':>12}  {'L2 lines':>8}")
+        whole = per_call(SDK_ARMS, sdk_n)
+        bare, bare_lines = whole["sdk-bare"]
         for arm in SDK_ARMS:
-            added = counted[arm] - bare
-            share = f"   RunGuard adds {added:>9,.0f} ({added / bare:.2%})"
-            note = "" if arm == "sdk-bare" else share
-            print(f"  {arm:<9} {counted[arm]:>12,.0f}{note}")
+            ir, lines = whole[arm]
+            added, more = ir - bare, lines - bare_lines
+            share = f"   RunGuard adds {added:>9,.0f} ({added / bare:.2%}) and {more:>6,.0f} lines"
+            note = "" if arm == "sdk-bare" else f"{share} ({more / bare_lines:.0%})"
+            print(f"  {arm:<9} {ir:>12,.0f}  {lines:>8,.0f}{note}")
     return 0
 
 

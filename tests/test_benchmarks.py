@@ -6,11 +6,15 @@ supported openai release, hooked per attempt or per answer.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import shutil
+import sys
 
+import pytest
 from openai import _base_client
 
-from _subprocess import run
+from _subprocess import ROOT, run
 
 
 def test_overhead_benchmark_runs_on_the_installed_openai() -> None:
@@ -50,3 +54,29 @@ def test_concurrency_benchmark_sends_exactly_the_ceiling() -> None:
     for _, _, attempts, refused, wire, calls in rows:
         assert int(wire) == int(calls) == int(limit.group(1))
         assert int(attempts) == int(wire) + int(refused)
+
+
+ARMS = ("plain", "fast", "five", "every", "sdk-bare", "sdk-fast", "sdk-five", "sdk-every")
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_instruction_benchmark_arm_runs_on_the_installed_openai(arm: str) -> None:
+    # what callgrind runs for each arm; a guard that tripped would end it with an error
+    done = run("benchmarks/instructions.py", "--arm", arm, "3")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_callgrind_counts_more_of_both_for_more_work() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "instructions", ROOT / "benchmarks/instructions.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # a list of 200,000 ints spans far more memory than the modelled 1 MiB cache
+    idle = bench.callgrind([sys.executable, "-S", "-c", "pass"], cache=True)
+    busy = bench.callgrind([sys.executable, "-S", "-c", "sum(list(range(200_000)))"], cache=True)
+    assert 0 < idle[0] < busy[0] - 1_000_000
+    assert 0 < idle[1] < busy[1] - 10_000
+    assert bench.callgrind([sys.executable, "-S", "-c", "pass"], cache=False)[1] == 0
