@@ -31,9 +31,9 @@ therefore also run callgrind's cache model with a last-level cache of 1 MiB,
 the size of one core's L2 cache on this machine, and print the cache lines
 each call fetched from beyond it. On this machine each such line costs
 roughly 40-60 ns (a third-level cache hit, or main memory), which is why
-1 % more instructions can make the call 5 % slower. The count includes the
-SDK's own lines that RunGuard's pushed out of the cache (about two thirds of
-it in one diagnostic run). Fewer distinct objects,
+1 % more instructions can make the call 5 % slower. The count includes lines
+the SDK fetches again because RunGuard's own lines pushed them out of the
+cache (about two thirds of it in one diagnostic run). Fewer distinct objects,
 functions and bytecode touched per call lower this count; fewer instructions
 alone may not. Use the figures to compare versions of RunGuard, and
 ``overhead.py`` for microseconds.
