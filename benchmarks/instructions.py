@@ -33,7 +33,10 @@ each call fetched from beyond it. On this machine each such line costs
 roughly 40-60 ns (a third-level cache hit, or main memory), which is why
 1 % more instructions can make the call 5 % slower. The count includes lines
 the SDK fetches again because RunGuard's own lines pushed them out of the
-cache (about two thirds of it in one diagnostic run). Fewer distinct objects,
+cache (about two thirds of it in one diagnostic run). Address randomisation is
+turned off for these runs where the system allows (``setarch -R``): it moves
+objects between cache sets, and with it the line counts of one arm varied by a
+few hundred a call from run to run. Fewer distinct objects,
 functions and bytecode touched per call lower this count; fewer instructions
 alone may not. Use the figures to compare versions of RunGuard, and
 ``overhead.py`` for microseconds.
@@ -45,6 +48,7 @@ import argparse
 import contextvars
 import itertools
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -114,6 +118,20 @@ def run_sdk_arm(bench: Any, fake: Any, client: Any, arm: str, calls: int) -> Non
 L2_MODEL = ("--cache-sim=yes", "--LL=1048576,16,64")
 
 
+def fixed_layout() -> tuple[str, ...]:
+    """A prefix that turns address randomisation off, where the system allows it.
+
+    Where objects land decides which of them compete for a cache set, so with
+    randomisation on, the modelled cache lines of one arm vary by a few hundred
+    a call from run to run; with it off they repeat.
+    """
+    prefix = ("setarch", platform.machine(), "-R")
+    if shutil.which("setarch") is None:
+        return ()
+    probe = subprocess.run([*prefix, "true"], capture_output=True, check=False)
+    return prefix if probe.returncode == 0 else ()
+
+
 def instructions(arm: str, calls: int) -> tuple[int, int]:
     """Instructions executed, and cache lines fetched from beyond L2 (0 for hot-loop arms)."""
     return callgrind(
@@ -124,8 +142,9 @@ def instructions(arm: str, calls: int) -> tuple[int, int]:
 def callgrind(command: list[str], cache: bool) -> tuple[int, int]:
     """Run ``command`` under callgrind: (instructions, lines fetched beyond L2 if ``cache``)."""
     model = L2_MODEL if cache else ()
+    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *model]
     done = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *model, *command],
+        [*fixed_layout(), *valgrind, *command],
         capture_output=True,
         text=True,
         check=False,
