@@ -30,7 +30,7 @@ call most of what RunGuard pays is waiting for memory. The in-situ arms
 therefore also run callgrind's cache model with a last-level cache of 1 MiB,
 the size of one core's L2 cache on this machine, and print the cache lines
 each call fetched from beyond it. On this machine each such line costs
-roughly 40-60 ns (a third-level cache hit, or main memory), which is why
+roughly 50-70 ns (a third-level cache hit, or main memory), which is why
 1 % more instructions can make the call 5 % slower. The count includes lines
 the SDK fetches again because RunGuard's own lines pushed them out of the
 cache (about two thirds of it in one diagnostic run). Address randomisation is
