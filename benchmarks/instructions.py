@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import functools
 import itertools
 import os
 import platform
@@ -118,6 +119,7 @@ def run_sdk_arm(bench: Any, fake: Any, client: Any, arm: str, calls: int) -> Non
 L2_MODEL = ("--cache-sim=yes", "--LL=1048576,16,64")
 
 
+@functools.cache
 def fixed_layout() -> tuple[str, ...]:
     """A prefix that turns address randomisation off, where the system allows it.
 

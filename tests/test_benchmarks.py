@@ -10,6 +10,8 @@ import importlib.util
 import re
 import shutil
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import _base_client
@@ -56,10 +58,19 @@ def test_concurrency_benchmark_sends_exactly_the_ceiling() -> None:
         assert int(attempts) == int(wire) + int(refused)
 
 
-ARMS = ("plain", "fast", "five", "every", "sdk-bare", "sdk-fast", "sdk-five", "sdk-every")
+def _load(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.parametrize("arm", ARMS)
+#: benchmarks/instructions.py (stdlib imports only at its top level)
+instructions = _load("benchmarks/instructions.py")
+
+
+@pytest.mark.parametrize("arm", instructions.ARMS + instructions.SDK_ARMS)
 def test_instruction_benchmark_arm_runs_on_the_installed_openai(arm: str) -> None:
     # what callgrind runs for each arm; a guard that tripped would end it with an error
     done = run("benchmarks/instructions.py", "--arm", arm, "3")
@@ -68,15 +79,10 @@ def test_instruction_benchmark_arm_runs_on_the_installed_openai(arm: str) -> Non
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_callgrind_counts_more_of_both_for_more_work() -> None:
-    spec = importlib.util.spec_from_file_location(
-        "instructions", ROOT / "benchmarks/instructions.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    callgrind = instructions.callgrind
     # a list of 200,000 ints spans far more memory than the modelled 1 MiB cache
-    idle = bench.callgrind([sys.executable, "-S", "-c", "pass"], cache=True)
-    busy = bench.callgrind([sys.executable, "-S", "-c", "sum(list(range(200_000)))"], cache=True)
+    idle = callgrind([sys.executable, "-S", "-c", "pass"], cache=True)
+    busy = callgrind([sys.executable, "-S", "-c", "sum(list(range(200_000)))"], cache=True)
     assert 0 < idle[0] < busy[0] - 1_000_000
     assert 0 < idle[1] < busy[1] - 10_000
-    assert bench.callgrind([sys.executable, "-S", "-c", "pass"], cache=False)[1] == 0
+    assert callgrind([sys.executable, "-S", "-c", "pass"], cache=False)[1] == 0
