@@ -7,7 +7,7 @@ the arms being compared run once each, in a random order, in one process.
 
 Whole SDK call (in situ). A real ``openai.OpenAI`` client over FakeProvider's
 in-memory transport: a few ms a call here, nearly all of it the SDK's own work.
-Five arms per round, the paired figure being each arm minus "unpatched":
+Eight arms per round, the paired figure being each arm minus "unpatched":
 
 * unpatched (twice): a second client from the same fake, on which each
   method RunGuard hooks is shadowed by the SDK's original, bound on the
@@ -21,6 +21,13 @@ Five arms per round, the paired figure being each arm minus "unpatched":
   token ceilings and ``max_cost_usd`` all set (none trips), so each call is
   described, token-counted, priced, admitted and settled. "new" is a guard at
   its first calls; "old" has already admitted and settled 100,000 calls.
+* every guard: the five ceilings and every failure-mode guard.
+* swept: unpatched and new guard again, each after reading a buffer of
+  ``SWEEP_BYTES`` (untimed), paired with each other. The read pushes the
+  SDK's and RunGuard's code and data out of the core's own caches, as an
+  agent's own work between two LLM calls does. Back to back, the other arms'
+  calls find the SDK warm, which a real agent's seldom do; these two show what
+  RunGuard adds when nothing is.
 
 A fresh subprocess that never instruments the SDK also times the bare call, as a
 cross-check of the unpatched arm (not paired: another process, another moment).
@@ -89,6 +96,8 @@ REPLY = Reply(text="Both orders ship with carrier X.", input_tokens=1000, output
 HUGE = 10**12
 VARIANTS = 20  # loop window of the every-guard arm; twice as many requests cycle through it
 LONG_RUN = 100_000
+#: read before each call of the swept arms: several times one core's L2 cache here (1 MiB)
+SWEEP_BYTES = 8 * 1024 * 1024
 
 
 def sdk_call(client: Any, messages: list[dict[str, Any]] = MESSAGES) -> Callable[[], Any]:
@@ -187,14 +196,21 @@ def rounds_of(
     arms: Arms,
     rng: random.Random,
     fake: FakeProvider | None = None,
+    swept: frozenset[str] = frozenset(),
 ) -> dict[str, list[int]]:
-    """Run each arm once a round, in random order; ns per call, by arm."""
+    """Run each arm once a round, in random order; ns per call, by arm.
+
+    Before each call of a ``swept`` arm, untimed, the CPU caches are filled with other data.
+    """
     times: dict[str, list[int]] = {arm: [] for arm in arms}
     order = list(arms)
+    sweep = bytearray(SWEEP_BYTES) if swept else None
     for _ in range(rounds):
         rng.shuffle(order)
         for arm in order:
             ctx, fn = arms[arm]
+            if sweep is not None and arm in swept:
+                sweep[::64]  # reads one byte of each cache line of the buffer
             started = time.perf_counter_ns()
             ctx.run(fn)
             times[arm].append(time.perf_counter_ns() - started)
@@ -430,7 +446,7 @@ def main() -> int:
     )
     leave(history_guard, history)
 
-    print(f"whole SDK calls: {sdk_n:,} rounds of 6 ...", flush=True)
+    print(f"whole SDK calls: {sdk_n:,} rounds of 8 ...", flush=True)
     sdk_guard, sdk_new = entered()
     sdk_every_guard, sdk_every = entered(every_guard)
     old_from = old_guard.usage.calls + 1
@@ -443,9 +459,12 @@ def main() -> int:
             "new": (sdk_new, call),
             "old": (old, call),
             "every": (sdk_every, every_sdk),
+            "unpatched_swept": (bare, raw),
+            "new_swept": (sdk_new, call),
         },
         rng,
         fake,
+        swept=frozenset({"unpatched_swept", "new_swept"}),
     )
     leave(sdk_guard, sdk_new)
     leave(sdk_every_guard, sdk_every)
@@ -464,6 +483,9 @@ def main() -> int:
     old_to = old_from + sdk_n - 1
     row(f"    old guard, its calls {old_from:,}-{old_to:,}", paired(sdk, "old", "unpatched"))
     row("  (c) added inside a guard with every guard set", paired(sdk, "every", "unpatched"))
+    print("  (d) caches swept before each call, as an agent's own work would:")
+    row("    unpatched call, median", median_us(sdk["unpatched_swept"]), "µs", "10.1f")
+    row("    added by the five ceilings", paired(sdk, "new_swept", "unpatched_swept"))
     row("guarded call (new guard), median", guarded, "µs", "10.1f")
     row("ratio guarded / unpatched", guarded / unpatched, "", "10.3f")
 
