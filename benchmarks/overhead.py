@@ -449,6 +449,7 @@ def main() -> int:
     print(f"whole SDK calls: {sdk_n:,} rounds of 8 ...", flush=True)
     sdk_guard, sdk_new = entered()
     sdk_every_guard, sdk_every = entered(every_guard)
+    swept_guard, sdk_swept = entered()  # a guard of its own: "new" stays at its calls 1-N
     old_from = old_guard.usage.calls + 1
     sdk = rounds_of(
         sdk_n,
@@ -460,7 +461,7 @@ def main() -> int:
             "old": (old, call),
             "every": (sdk_every, every_sdk),
             "unpatched_swept": (bare, raw),
-            "new_swept": (sdk_new, call),
+            "new_swept": (sdk_swept, call),
         },
         rng,
         fake,
@@ -468,6 +469,7 @@ def main() -> int:
     )
     leave(sdk_guard, sdk_new)
     leave(sdk_every_guard, sdk_every)
+    leave(swept_guard, sdk_swept)
     leave(old_guard, old)
 
     unpatched, guarded = median_us(sdk["unpatched"]), median_us(sdk["new"])
