@@ -204,12 +204,12 @@ def rounds_of(
     """
     times: dict[str, list[int]] = {arm: [] for arm in arms}
     order = list(arms)
-    sweep = bytearray(SWEEP_BYTES) if swept else None
+    sweep = bytearray(SWEEP_BYTES if swept else 0)
     for _ in range(rounds):
         rng.shuffle(order)
         for arm in order:
             ctx, fn = arms[arm]
-            if sweep is not None and arm in swept:
+            if arm in swept:
                 sweep[::64]  # reads one byte of each cache line of the buffer
             started = time.perf_counter_ns()
             ctx.run(fn)
@@ -446,27 +446,22 @@ def main() -> int:
     )
     leave(history_guard, history)
 
-    print(f"whole SDK calls: {sdk_n:,} rounds of 8 ...", flush=True)
     sdk_guard, sdk_new = entered()
     sdk_every_guard, sdk_every = entered(every_guard)
     swept_guard, sdk_swept = entered()  # a guard of its own: "new" stays at its calls 1-N
     old_from = old_guard.usage.calls + 1
-    sdk = rounds_of(
-        sdk_n,
-        {
-            "unpatched": (bare, raw),
-            "unpatched2": (bare, raw),
-            "fast": (bare, call),
-            "new": (sdk_new, call),
-            "old": (old, call),
-            "every": (sdk_every, every_sdk),
-            "unpatched_swept": (bare, raw),
-            "new_swept": (sdk_swept, call),
-        },
-        rng,
-        fake,
-        swept=frozenset({"unpatched_swept", "new_swept"}),
-    )
+    sdk_arms: Arms = {
+        "unpatched": (bare, raw),
+        "unpatched2": (bare, raw),
+        "fast": (bare, call),
+        "new": (sdk_new, call),
+        "old": (old, call),
+        "every": (sdk_every, every_sdk),
+        "unpatched_swept": (bare, raw),
+        "new_swept": (sdk_swept, call),
+    }
+    print(f"whole SDK calls: {sdk_n:,} rounds of {len(sdk_arms)} ...", flush=True)
+    sdk = rounds_of(sdk_n, sdk_arms, rng, fake, swept=frozenset({"unpatched_swept", "new_swept"}))
     leave(sdk_guard, sdk_new)
     leave(sdk_every_guard, sdk_every)
     leave(swept_guard, sdk_swept)
