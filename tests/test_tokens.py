@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +421,35 @@ def test_different_histories_are_noted_differently(first: Any, second: Any) -> N
         assert _noted(first)[1] != _noted(second)[1]
     else:
         assert _noted(first)[1] == _noted(copy.deepcopy(second))[1]
+
+
+def test_a_tool_call_turn_with_text_is_walked_without_raising_inside() -> None:
+    # LangChain and others send an assistant tool-call turn with content "" (or a remark).
+    # Taken as a plain message, its key does not hash; raising and catching that on every
+    # fingerprinted call cost more than walking it.
+    turn = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
+    messages = [{"role": "user", "content": "find x"}, turn]
+    raised: list[type[BaseException]] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "exception":
+            raised.append(arg[0])
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        total, notes = _noted(messages)
+    finally:
+        sys.settrace(previous)
+    assert raised == []
+    assert total == count_messages(messages, counter_for("openai", "gpt-4o"))
+    changed = copy.deepcopy(messages)
+    changed[1]["tool_calls"][0]["function"]["arguments"] = '{"q": 1}'
+    assert _noted(changed)[1] != notes

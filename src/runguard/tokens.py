@@ -378,9 +378,16 @@ def count_messages(messages: Any, count: Counter, note: Note | None = None) -> i
                     if key not in _SKIP_KEYS:
                         total += count(item) if type(item) is str else count_content(item, count)
             else:
-                if known is not None and note is not None and type(message.get("content")) is str:
+                if (
+                    known is not None
+                    and note is not None
+                    and type(message.get("content")) is str
+                    and "tool_calls" not in message
+                ):
                     # Fingerprinting, a message of plain values (its content text) is
-                    # counted whole from the memo and noted as its key: no walk.
+                    # counted whole from the memo and noted as its key: no walk. A
+                    # tool-call turn with text is not plain: its key would not hash,
+                    # and raising that costs more than the walk.
                     items = tuple(message.items())
                     try:
                         total += known[items]
