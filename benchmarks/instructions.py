@@ -20,8 +20,10 @@ arms, about 25 minutes more on two cores):
 ``openai`` ``chat.completions.create`` over FakeProvider's in-memory transport, on a client
 whose hooked methods are shadowed by the SDK's originals (``sdk-bare``, as if RunGuard were
 not installed), and on an instrumented client outside any guard, with the five ceilings and
-with every guard. RunGuard adds about what it adds in the hot loop there; a whole call's
-count varies by up to 15,000 instructions from run to run (the SDK's own work does).
+with every guard; and, for comparison, on the unhooked client with only the one hook of
+``minimal_guard.py`` (``sdk-minimal``, about the least a guard in Python adds). RunGuard
+adds about what it adds in the hot loop there; a whole call's count varies by up to 15,000
+instructions from run to run (the SDK's own work does).
 
 Instructions are not time, least of all inside a real SDK call. Between two
 calls the SDK's own work (and, in an agent, everything else it does) pushes
@@ -59,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 ARMS = ("plain", "fast", "five", "every")
-SDK_ARMS = ("sdk-bare", "sdk-fast", "sdk-five", "sdk-every")
+SDK_ARMS = ("sdk-bare", "sdk-fast", "sdk-five", "sdk-every", "sdk-minimal")
 
 
 def run_arm(arm: str, calls: int) -> None:
@@ -97,14 +99,15 @@ def run_arm(arm: str, calls: int) -> None:
 
 def run_sdk_arm(bench: Any, fake: Any, client: Any, arm: str, calls: int) -> None:
     """Inside callgrind: ``calls`` whole SDK calls of ``arm`` (see the module's docstring)."""
+    ctx = contextvars.copy_context()
     if arm == "sdk-every":
         call = bench.cycling([bench.sdk_call(client, m) for m in bench.variants()])
+    elif arm == "sdk-minimal":  # overhead.py's yardstick: a client with minimal_guard's hook
+        _, (ctx, call) = bench.minimal_client(fake)
     else:
         call = bench.sdk_call(bench.unpatched_client(fake) if arm == "sdk-bare" else client)
     if arm in ("sdk-five", "sdk-every"):
         _, ctx = bench.entered(bench.every_guard if arm == "sdk-every" else None)
-    else:
-        ctx = contextvars.copy_context()
 
     def loop(n: int) -> None:
         for _ in range(n):
@@ -202,15 +205,16 @@ def main() -> int:
     if args.in_situ:
         sdk_n = args.sdk_calls
         print(f"Whole openai chat.completions.create calls, from {sdk_n:,} and {3 * sdk_n:,}:")
-        print(f"  {'':<9} {'instructions':>12}  {'L2 lines':>8}")
+        print(f"  {'':<11} {'instructions':>12}  {'L2 lines':>8}")
         whole = per_call(SDK_ARMS, sdk_n)
         bare, bare_lines = whole["sdk-bare"]
         for arm in SDK_ARMS:
             ir, lines = whole[arm]
             added, more = ir - bare, lines - bare_lines
-            share = f"   RunGuard adds {added:>9,.0f} ({added / bare:.2%}) and {more:>6,.0f} lines"
+            who = "yardstick" if arm == "sdk-minimal" else "RunGuard"
+            share = f"{who:>12} adds {added:>9,.0f} ({added / bare:.2%}) and {more:>6,.0f} lines"
             note = "" if arm == "sdk-bare" else f"{share} ({more / bare_lines:.0%})"
-            print(f"  {arm:<9} {ir:>12,.0f}  {lines:>8,.0f}{note}")
+            print(f"  {arm:<11} {ir:>12,.0f}  {lines:>8,.0f}{note}")
     return 0
 
 

@@ -7,7 +7,7 @@ the arms being compared run once each, in a random order, in one process.
 
 Whole SDK call (in situ). A real ``openai.OpenAI`` client over FakeProvider's
 in-memory transport: a few ms a call here, nearly all of it the SDK's own work.
-Eight arms per round, the paired figure being each arm minus "unpatched":
+Ten arms per round, the paired figure being each arm minus "unpatched":
 
 * unpatched (twice): a second client from the same fake, on which each
   method RunGuard hooks is shadowed by the SDK's original, bound on the
@@ -28,6 +28,11 @@ Eight arms per round, the paired figure being each arm minus "unpatched":
   agent's own work between two LLM calls does. Back to back, the other arms'
   calls find the SDK warm, which a real agent's seldom do; these two show what
   RunGuard adds when nothing is.
+* yardstick, warm and swept: a client with one hook of ``minimal_guard.py``
+  on ``request()``, which does only the bare work of the five ceilings (a
+  length-based estimate, five checks and a reservation under a lock, the
+  usage charged from the result). About the least any hook in Python adds,
+  to compare RunGuard's figures with.
 
 A fresh subprocess that never instruments the SDK also times the bare call, as a
 cross-check of the unpatched arm (not paired: another process, another moment).
@@ -65,6 +70,8 @@ import time
 import types
 from collections.abc import Callable
 from typing import Any
+
+import minimal_guard
 
 import runguard
 from runguard.providers import _stainless
@@ -177,6 +184,16 @@ def unpatched_client(fake: FakeProvider) -> Any:
             if hasattr(attr, "runguard_hook") and name not in vars(client):
                 setattr(client, name, types.MethodType(attr.__wrapped__, client))
     return client
+
+
+def minimal_client(fake: FakeProvider) -> tuple[minimal_guard.Ceilings, tuple[Any, Any]]:
+    """The yardstick's ceilings, and its arm: a client with only its hook, in its own context."""
+    client = unpatched_client(fake)
+    minimal_guard.install(client, client.request.__func__)
+    ceilings = minimal_guard.Ceilings(MODEL)
+    ctx = contextvars.copy_context()
+    ctx.run(minimal_guard.active.set, ceilings)
+    return ceilings, (ctx, sdk_call(client))
 
 
 def installed_hook(cls: type, name: str) -> Any:
@@ -393,6 +410,7 @@ def main() -> int:
     with new_guard() as check:
         raw()
     assert check.usage.calls == 0, "the unpatched client went through RunGuard"
+    yardstick, minimal = minimal_client(fake)
     long_history = MESSAGES[:2] + TOOL_TURN * 50
     options = captured_options(client, MESSAGES)
     long_options = captured_options(client, long_history)
@@ -459,9 +477,13 @@ def main() -> int:
         "every": (sdk_every, every_sdk),
         "unpatched_swept": (bare, raw),
         "new_swept": (sdk_swept, call),
+        "minimal": minimal,
+        "minimal_swept": minimal,
     }
     print(f"whole SDK calls: {sdk_n:,} rounds of {len(sdk_arms)} ...", flush=True)
-    sdk = rounds_of(sdk_n, sdk_arms, rng, fake, swept=frozenset({"unpatched_swept", "new_swept"}))
+    swept = frozenset({"unpatched_swept", "new_swept", "minimal_swept"})
+    sdk = rounds_of(sdk_n, sdk_arms, rng, fake, swept)
+    assert yardstick.calls == 2 * sdk_n and not yardstick.held_calls, "the yardstick did not run"
     leave(sdk_guard, sdk_new)
     leave(sdk_every_guard, sdk_every)
     leave(swept_guard, sdk_swept)
@@ -483,6 +505,9 @@ def main() -> int:
     print("  (d) caches swept before each call, as an agent's own work would:")
     row("    unpatched call, median", median_us(sdk["unpatched_swept"]), "µs", "10.1f")
     row("    added by the five ceilings", paired(sdk, "new_swept", "unpatched_swept"))
+    print("  (e) yardstick: one hook doing only the five ceilings' bare work (minimal_guard.py):")
+    row("    added, warm", paired(sdk, "minimal", "unpatched"))
+    row("    added, caches swept", paired(sdk, "minimal_swept", "unpatched_swept"))
     row("guarded call (new guard), median", guarded, "µs", "10.1f")
     row("ratio guarded / unpatched", guarded / unpatched, "", "10.3f")
 

@@ -6,6 +6,7 @@ supported openai release, hooked per attempt or per answer.
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 from openai import _base_client
 
 from _subprocess import ROOT, run
+from runguard.testing import FakeProvider, Reply
 
 
 def test_overhead_benchmark_runs_on_the_installed_openai() -> None:
@@ -28,6 +30,7 @@ def test_overhead_benchmark_runs_on_the_installed_openai() -> None:
         "old guard",
         "caches swept before each call",
         "added by the five ceilings",
+        "yardstick: one hook doing only the five ceilings' bare work",
         "ratio guarded / unpatched",
     ):
         assert line in done.stdout
@@ -71,6 +74,31 @@ def _load(path: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_yardstick_does_the_work_it_is_timed_for() -> None:
+    # overhead.py's yardstick (row e) must check and charge, or its figure means nothing
+    yardstick = _load("benchmarks/minimal_guard.py")
+    fake = FakeProvider(default=Reply(text="ok", input_tokens=50, output_tokens=7))
+    client = fake.openai()
+    yardstick.install(client, type(client).request)
+    ceilings = yardstick.Ceilings("gpt-4o", max_calls=2)
+    ctx = contextvars.copy_context()
+    ctx.run(yardstick.active.set, ceilings)
+
+    def ask() -> Any:
+        return client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+        )
+
+    ctx.run(ask)
+    ctx.run(ask)
+    with pytest.raises(yardstick.Refused):
+        ctx.run(ask)
+    assert fake.wire_count == 2
+    assert (ceilings.calls, ceilings.fed, ceilings.made, ceilings.held_calls) == (2, 100, 14, 0)
+    ask()  # outside its context the hook lets calls through
+    assert fake.wire_count == 3 and ceilings.calls == 2
 
 
 #: benchmarks/instructions.py (stdlib imports only at its top level)

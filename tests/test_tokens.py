@@ -424,9 +424,9 @@ def test_different_histories_are_noted_differently(first: Any, second: Any) -> N
 
 
 def test_a_tool_call_turn_with_text_is_walked_without_raising_inside() -> None:
-    # LangChain and others send an assistant tool-call turn with content "" (or a remark).
-    # Taken as a plain message, its key does not hash; raising and catching that on every
-    # fingerprinted call cost more than walking it.
+    # Models often say something before a tool call, and some integrations send "" as the
+    # text. Taken as a plain message, such a turn's key does not hash; raising and catching
+    # that on every fingerprinted call cost more than walking it.
     turn = {
         "role": "assistant",
         "content": "",
