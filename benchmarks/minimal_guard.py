@@ -123,6 +123,7 @@ def _after(state: tuple[Any, ...], result: Any) -> Any:
     usage = result.usage
     used_fed, used_made = usage.prompt_tokens, usage.completion_tokens
     cost = used_fed * ceilings.input_rate + used_made * ceilings.output_rate
+    # release and charge in one hold of the lock (_failed only releases)
     with ceilings.lock:
         ceilings.held_calls -= 1
         ceilings.held_fed -= fed
