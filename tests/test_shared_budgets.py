@@ -485,7 +485,7 @@ async def test_redis_stopped_mid_run_with_the_async_client(redis_server: Any) ->
 
 DAILY_LIMIT = 30
 MONTHLY_LIMIT = 40
-THREADS = 4  # per team
+TEAM_THREADS = 4
 
 
 def test_two_teams_daily_budgets_under_one_monthly_budget(redis_url: str) -> None:
@@ -502,7 +502,7 @@ def test_two_teams_daily_budgets_under_one_monthly_budget(redis_url: str) -> Non
                     {"name": dailies[team], "max_calls": DAILY_LIMIT},
                     {"name": monthly, "max_calls": MONTHLY_LIMIT, "period": "month"},
                 ],
-                "threads": THREADS,
+                "threads": TEAM_THREADS,
                 "policy": "stop",
                 "scope": "context",
                 "tag": team,
@@ -522,7 +522,7 @@ def test_two_teams_daily_budgets_under_one_monthly_budget(redis_url: str) -> Non
             # A team refused by its day used all of it, unless some of the day was held by
             # calls in flight that the month then refused: they gave their holds back.
             assert report["wire"] == DAILY_LIMIT or f"budget:{monthly}" in report["refusals"]
-            assert report["wire"] >= DAILY_LIMIT - (THREADS - 1), report
+            assert report["wire"] >= DAILY_LIMIT - (TEAM_THREADS - 1), report
         assert (
             held(Budget(dailies[team], max_calls=DAILY_LIMIT, store=store)).calls
             == (report["wire"])
