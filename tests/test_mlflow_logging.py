@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from mlflow import MlflowClient
 
 import runguard
+import runguard.integrations.mlflow as mlflow_integration
 from runguard import GuardTripped, RunGuard, step
 from runguard.integrations.mlflow import drain
 from runguard.testing import FakeProvider, Reply
@@ -141,6 +143,37 @@ def test_two_unnamed_guards_on_one_run_keep_both_ledgers(tracking: str, client: 
     second = ledger_of(run.info.run_id, "runguard/ledger.2.json")
     calls = [sum(m["calls"] for m in logged["by_model"].values()) for logged in (first, second)]
     assert calls == [1, 2]
+
+
+def test_the_files_guards_claimed_are_remembered_for_the_most_recent_runs_only(
+    tracking: str, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server starting a run per request must not keep an entry per request forever;
+    # a run still being written to keeps numbering its guards' files.
+    monkeypatch.setattr(mlflow_integration, "CLAIMS_KEPT", 2)
+    monkeypatch.setattr(mlflow_integration, "_claimed", OrderedDict())
+    runs = {}
+    for label in "ABC":
+        with mlflow.start_run() as run:
+            runs[label] = run.info.run_id
+    for calls, label in enumerate("ABACA", start=1):
+        with RunGuard(mlflow_run=runs[label]):
+            for _ in range(calls):
+                ask(client)
+        assert drain(10), "MLflow writes still pending"
+        assert len(mlflow_integration._claimed) <= 2
+
+    def calls_in(label: str, path: str) -> int:
+        logged = ledger_of(runs[label], path)
+        return sum(m["calls"] for m in logged["by_model"].values())
+
+    # A's three guards: C came between the second and third, and pushed B out, not A
+    assert [
+        calls_in("A", f"runguard/{name}")
+        for name in ("ledger.json", "ledger.2.json", "ledger.3.json")
+    ] == [1, 3, 5]
+    assert calls_in("B", "runguard/ledger.json") == 2
+    assert calls_in("C", "runguard/ledger.json") == 4
 
 
 def test_a_started_run_is_ended_even_when_its_exit_write_fails(

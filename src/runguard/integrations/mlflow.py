@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 from .._background import Background
@@ -279,17 +280,26 @@ def _folder(name: str | None) -> str:
     return f"runguard/{_safe(name)}" if name else "runguard"
 
 
-#: (run id, path) -> how many guards of this process wrote it; used by the writer thread only
-_claimed: dict[tuple[str, str], int] = {}
+#: (run id, path) -> how many guards of this process wrote it, the most recently written
+#: last; used by the writer thread only
+_claimed: OrderedDict[tuple[str, str], int] = OrderedDict()
+#: (run, path) pairs remembered. A server that starts a run per request would otherwise
+#: keep one entry per request for as long as it lives.
+CLAIMS_KEPT = 4096
 
 
 def _unclaimed(run_id: str, path: str) -> str:
     """``path``, or ``<stem>.<n>.json`` when another guard (unnamed, or of the same name) has it.
 
-    Two guards writing to one run never overwrite each other's files.
+    Two guards writing to one run never overwrite each other's files, unless the
+    process wrote :data:`CLAIMS_KEPT` other such files in between.
     """
-    seen = _claimed.get((run_id, path), 0)
-    _claimed[(run_id, path)] = seen + 1
+    key = (run_id, path)
+    seen = _claimed.get(key, 0)
+    _claimed[key] = seen + 1
+    _claimed.move_to_end(key)
+    while len(_claimed) > CLAIMS_KEPT:
+        _claimed.popitem(last=False)
     if not seen:
         return path
     stem, dot, suffix = path.rpartition(".")
