@@ -904,6 +904,40 @@ async def test_a_ceiling_trip_lets_an_admitted_call_retry_its_error() -> None:
     assert guard.tripped
 
 
+@pytest.mark.parametrize("refusal", ["storm", "budget"])
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+def test_a_call_admitted_before_a_ceiling_trip_still_stops_at_the_storm_limit(
+    kind: str, refusal: str
+) -> None:
+    # max_calls latches the guard while a call's first attempt is out. The guard's
+    # trip is then the ceiling's, but that call's 429s must still be judged: its
+    # retries stop at the limit (or at the first budget refusal), not at max_retries.
+    latched = threading.Event()
+    body = MLFLOW_GATEWAY_BUDGET if refusal == "budget" else None
+
+    def respond(wire: WireRequest) -> Reply:
+        latched.wait(10)  # answers only once the ceiling has tripped
+        return Reply(status=429, body=body)
+
+    fake = FakeProvider(responder=respond)
+    client = make_client(fake, kind, max_retries=8)
+    with (
+        RunGuard(max_calls=1, max_consecutive_429s=3, raise_on_exit=False) as guard,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        first = pool.submit(propagate(run_calls), client, kind, 1, fake)
+        while fake.wire_count < 1:  # admitted, its first attempt on the wire
+            time.sleep(0.001)
+        with pytest.raises(BudgetExceeded):
+            call(client, kind)  # the second call: refused by max_calls, nothing sent
+        latched.set()
+        seen = first.result(timeout=30)
+    sent = 3 if refusal == "storm" else 1
+    assert seen == [(refusal, sent)]
+    assert fake.wire_count == sent
+    assert guard.trip is not None and guard.trip.guard == "max_calls"  # the first trip
+
+
 async def test_a_success_in_flight_when_a_storm_trips_is_returned_and_charged() -> None:
     fake = FakeProvider(
         responder=by_content(

@@ -137,9 +137,9 @@ class Account:
         #: per-guard memory (loop windows), keyed by the guard object, so one
         #: guard object can serve many RunGuards (``@guarded``) independently
         self.state: dict[object, Any] = {}
-        #: a guard tripped on an HTTP attempt: no attempt may be sent any more,
-        #: not even the pending retry of a call admitted before the trip
-        self.attempts_stopped = False
+        #: the trip of a guard that tripped on an HTTP attempt: no attempt may be sent
+        #: any more, not even the pending retry of a call admitted before the trip
+        self.attempts_stopped: Trip | None = None
         #: ``time.monotonic()`` when the RunGuard was entered
         self.entered_at = 0.0
         self.serial = 0  # set when its RunGuard is entered
@@ -333,14 +333,17 @@ class Ledger:
                     account.consecutive_rate_limited += 1
                 else:
                     account.consecutive_rate_limited = 0
-                if account.trip is None:
+                stopped = account.attempts_stopped
+                # A ceiling's trip lets calls admitted before it finish, but their
+                # attempts are still judged: a 429 storm among them must end too.
+                if stopped is None:
                     for guard in account.attempt_guards:
                         trip = guard.attempted(reservation.request, attempt, account)
                         if trip is not None:
-                            account.trip = _own(trip, account)
-                            account.attempts_stopped = True
+                            stopped = account.attempts_stopped = _own(trip, account)
+                            if account.trip is None:
+                                account.trip = stopped
                             break
-                stopped = account.trip if account.attempts_stopped else None
                 if stopped is not None and refused is None and attempt.status >= 400:
                     refused = account, stopped
             if refused is None:
@@ -356,8 +359,9 @@ class Ledger:
         every attempt, retries of admitted calls included.
         """
         for account in reservation.accounts:
-            if account.attempts_stopped:
-                raise_trip(account, self)
+            stopped = account.attempts_stopped
+            if stopped is not None:
+                raise _exception(stopped, self.snapshot(account))
 
     def write_artifact(self, accounts: tuple[Account, ...], write: ArtifactWrite) -> None:
         """Count an artifact write in every account, or raise and count nothing.
