@@ -462,6 +462,27 @@ def test_current_guard_follows_entry_order_across_scopes() -> None:
     assert current_guard() is None
 
 
+def test_guards_exited_out_of_order_take_only_themselves_away(fake: FakeProvider, client) -> None:
+    # Entered outer then inner, exited outer first (as closing two generators that each
+    # hold a guard open can do): the inner guard still covers, the outer one is gone.
+    outer = RunGuard(max_calls=1, raise_on_exit=False, name="outer")
+    inner = RunGuard(max_calls=2, raise_on_exit=False, name="inner")
+    outer.__enter__()
+    inner.__enter__()
+    ask(client)  # charged to both; the outer guard is full
+    outer.__exit__(None, None, None)
+    assert current_guard() is inner
+    ask(client)  # the outer guard has ended: only the inner one judges
+    with pytest.raises(BudgetExceeded) as refused:
+        ask(client)
+    assert refused.value.trip.run == "inner"
+    inner.__exit__(None, None, None)
+    assert current_guard() is None
+    ask(client)  # outside every guard
+    assert fake.wire_count == 3
+    assert (outer.usage.calls, inner.usage.calls) == (1, 2)
+
+
 def test_current_guard_in_another_thread_sees_only_process_guards() -> None:
     found = []
     with RunGuard(name="process", scope="process") as proc, RunGuard(name="context"):
@@ -517,6 +538,53 @@ def test_guarded_keeps_guards_given_as_a_generator_for_every_invocation(
         with pytest.raises(BudgetExceeded):
             agent()
     assert fake.wire_count == 3  # one call per invocation, each refused at the second
+
+
+def test_guarded_keeps_budgets_given_as_a_generator_for_every_invocation(
+    fake: FakeProvider, client
+) -> None:
+    # one budget of 2 calls, shared by every invocation (its default store is in memory)
+    @guarded(budgets=(runguard.Budget(name, max_calls=2) for name in ["shared-by-invocations"]))
+    def agent() -> None:
+        ask(client)
+
+    agent()
+    agent()
+    with pytest.raises(BudgetExceeded):
+        agent()
+    assert fake.wire_count == 2
+
+
+def test_guarded_refuses_generator_functions_at_decoration_time(fake: FakeProvider, client):
+    # their bodies run while the caller iterates, after the guard would have ended
+    with pytest.raises(TypeError, match="generator function"):
+
+        @guarded(max_calls=1)
+        def steps():  # type: ignore[no-untyped-def]
+            yield ask(client)
+
+    with pytest.raises(TypeError, match="generator function"):
+
+        @guarded(max_calls=1)
+        async def asteps():  # type: ignore[no-untyped-def]
+            yield await aask(client)
+
+    assert fake.wire_count == 0
+
+
+async def test_guarded_guards_an_object_with_an_async_call(fake: FakeProvider, aclient) -> None:
+    class Agent:
+        async def __call__(self) -> RunGuard | None:
+            await aask(aclient)
+            await aask(aclient)
+            return current_guard()
+
+    agent = guarded(max_calls=1)(Agent())
+    with pytest.raises(BudgetExceeded):
+        await agent()
+    assert fake.wire_count == 1
+    guard = await guarded(max_calls=5)(Agent())()
+    assert guard is not None and guard.usage.calls == 2
 
 
 def test_guarded_without_arguments(client) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 import runguard.providers.openai
 from _sdk import accepts, chat_helper, surface
+from _subprocess import run
 from runguard import BudgetExceeded, RunGuard, Usage
 from runguard.testing import FakeProvider, Reply
 
@@ -460,6 +462,52 @@ def test_abandoned_chat_stream_is_settled_when_collected(
         gc.collect()
         assert_abandoned(inner, outer)
         assert_budget_left_is_exact(_chat_create(client), fake)
+
+
+# A garbage-collection pass can start at any allocation, including inside the ledger's
+# lock (building a usage snapshot, a trip, a guard's own settled()). When it frees an
+# abandoned stream there, that stream's settlement must not wait for the lock its own
+# thread holds. Run apart: a regression would hang the process, not fail an assertion.
+COLLECTED_UNDER_THE_LOCK = """
+import gc, json
+from runguard import RunGuard
+from runguard.testing import FakeProvider, Reply
+
+class CollectsOnce:
+    # a collection that starts inside the ledger's lock, where a real one may start
+    name, needs_price, armed = "collects", False, False
+    def admit(self, request, account):
+        return None
+    def settled(self, request, result, account):
+        if CollectsOnce.armed:
+            CollectsOnce.armed = False
+            gc.collect()
+        return None
+
+fake = FakeProvider(default=Reply(input_tokens=31, output_tokens=7))
+client = fake.openai(max_retries=0)
+ask = dict(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
+gc.disable()  # the abandoned stream (held in a cycle) waits for that collection
+with RunGuard(guards=[CollectsOnce()]) as guard:
+    stream = client.chat.completions.create(stream=True, **ask)
+    for _ in stream:
+        break
+    del stream, _
+    CollectsOnce.armed = True
+    client.chat.completions.create(**ask)
+usage = guard.usage
+print(json.dumps({"calls": usage.calls, "estimated": usage.estimated_calls,
+                  "output": usage.output_tokens, "wire": fake.wire_count}))
+"""
+
+
+def test_a_stream_collected_inside_the_ledgers_lock_is_settled_without_deadlock() -> None:
+    done = run("-c", COLLECTED_UNDER_THE_LOCK, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    # both calls sent and settled by the time the guard exited: the abandoned stream
+    # charged its cap (no usage arrived), the second call its real output
+    assert seen == {"calls": 2, "estimated": 1, "output": CAP + REPLY.output_tokens, "wire": 2}
 
 
 def test_chat_stream_never_iterated_is_settled_when_collected(

@@ -6,12 +6,14 @@ module prices it, asks the ledger to admit it, and settles it exactly once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from contextvars import Token
 from typing import Any
 
 from . import budgets
+from ._background import Background
 from ._errors import UnknownModelPrice
 from ._ledger import LEDGER, Account, Reservation
 from ._records import CallRequest, CallResult, ToolCall, Usage
@@ -24,6 +26,16 @@ from .stores import Amounts
 DEFAULT_OUTPUT_TOKENS = 4096
 
 log = logging.getLogger("runguard")
+
+#: settlements that could not run where they were started (see Call.finish)
+_deferred = Background("runguard-settle", exit_wait=5.0)
+_held_here = LEDGER.held_here
+
+
+def settle_deferred(timeout: float) -> bool:
+    """Wait for deferred settlements; True when none is left."""
+    return _deferred.drain(timeout)
+
 
 #: Builds a named tuple from all its fields at once. A named tuple's own
 #: constructor is a Python function; the records made on every call skip it.
@@ -142,6 +154,11 @@ class Call(Reservation):
     def finish(self, failed: bool = False) -> None:
         """Settle the call (once; later calls do nothing)."""
         if not self.open:
+            return
+        if _held_here():
+            # The garbage collector freed this call's abandoned stream in the middle of
+            # a ledger method of this very thread; settling now would re-enter it.
+            _deferred.submit(functools.partial(self.finish, failed))
             return
         try:
             usage = self._usage(failed)

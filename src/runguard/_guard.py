@@ -8,13 +8,14 @@ import importlib.util
 import inspect
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, Self
 
+from ._call import settle_deferred
 from ._checks import positive
 from ._errors import GuardTripped
 from ._ledger import LEDGER, Account, next_serial, raise_trip
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 #: seconds ``RunGuard.mlflow_run`` waits for a run RunGuard is starting
 EXIT_WAIT = 5.0
+#: seconds an exiting guard waits for settlements the garbage collector deferred
+SETTLE_WAIT = 1.0
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -286,7 +289,6 @@ class RunGuard:
         )
         self._account.owner = self
         self._account.consolidates = consolidate_artifacts
-        self._token: contextvars.Token[tuple[Account, ...]] | None = None
         self._state: Literal["new", "active", "done"] = "new"
 
     # -- what the guard has seen -------------------------------------------------
@@ -370,7 +372,7 @@ class RunGuard:
         if self.scope == "process":
             LEDGER.attach(self._account)
         else:
-            self._token = context_accounts.set((self._account, *context_accounts.get()))
+            context_accounts.set((self._account, *context_accounts.get()))
         return self
 
     def __exit__(
@@ -380,6 +382,7 @@ class RunGuard:
         tb: TracebackType | None,
     ) -> bool:
         self._leave()
+        settle_deferred(SETTLE_WAIT)
         trip = self._account.trip
         if self.mlflow:
             self._exit_mlflow(trip)
@@ -477,13 +480,9 @@ class RunGuard:
         if self.scope == "process":
             LEDGER.detach(self._account)
             return
-        token, self._token = self._token, None
-        try:
-            if token is not None:
-                context_accounts.reset(token)
-                return
-        except ValueError:
-            pass  # exited in another context than it was entered in
+        # Only this guard leaves: guards exited out of order (an outer one first, or
+        # guards opened in generators that are closed in another order) must neither
+        # take a still-open guard with them nor bring back one that has ended.
         context_accounts.set(tuple(a for a in context_accounts.get() if a is not self._account))
 
     def __repr__(self) -> str:
@@ -517,18 +516,28 @@ def guarded(fn: Callable[P, R] | None = None, /, **settings: Any) -> Any:
     are shared by every invocation (the built-in ones keep no state of their
     own; what they count lives in each invocation's RunGuard).
     """
-    if isinstance(settings.get("guards"), Iterator):
-        # a generator would be used up by the first RunGuard
-        settings["guards"] = tuple(settings["guards"])
+    for key in ("guards", "budgets"):
+        if isinstance(settings.get(key), Iterator):
+            # a generator would be used up by the first RunGuard
+            settings[key] = tuple(settings[key])
     RunGuard(**settings)  # invalid settings fail at decoration time, naming the field
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        if inspect.iscoroutinefunction(func):
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            # Its body runs as the caller iterates, after the call has returned: a
+            # guard around the call would cover none of it.
+            raise TypeError(
+                f"@guarded cannot guard the generator function {func.__qualname__}: its "
+                "body runs while the caller iterates, after the call has returned. Guard "
+                "the code that iterates it instead, or a function that does not yield"
+            )
+        # an object's async __call__ counts too
+        if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
 
             @functools.wraps(func)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 with RunGuard(**settings):
-                    return await func(*args, **kwargs)
+                    return await cast(Awaitable[Any], func(*args, **kwargs))
                 return None  # a trip ended quietly (raise_on_exit=False)
 
             return run_async  # type: ignore[return-value]

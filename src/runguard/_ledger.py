@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
@@ -208,7 +208,12 @@ class Ledger:
     """Reserves before a call and settles after it, for every active RunGuard at once."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant only so that a thread can tell it holds the lock: the garbage
+        # collector can run a stream's settlement in the middle of any ledger method
+        # (see Call.finish), which must then be deferred. No ledger method nests.
+        self._lock = threading.RLock()
+        #: whether the calling thread is inside a ledger method
+        self.held_here: Callable[[], bool] = self._lock._is_owned  # type: ignore[attr-defined]
         #: RunGuards with ``scope="process"``, innermost first.
         self.process: tuple[Account, ...] = ()
 
