@@ -737,6 +737,43 @@ def test_custom_guard_alongside_a_ceiling(fake: FakeProvider, client) -> None:
     assert fake.wire_count == 2
 
 
+class FailsOnceWhenAdmitted:
+    """A user's guard with a bug: its ``admitted`` raises the first time."""
+
+    name = "fails_once"
+    needs_price = False
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def admit(self, request, account):
+        return None
+
+    def settled(self, request, result, account):
+        return None
+
+    def admitted(self, request, account):
+        if not self.failed:
+            self.failed = True
+            raise ZeroDivisionError("a bug in the user's guard")
+
+
+def test_a_guard_whose_admitted_fails_leaves_nothing_of_the_call(fake: FakeProvider, client):
+    # The inner guard is told of a call first, the outer one's failing guard after it:
+    # the call is not sent, holds nothing, and the inner guard does not count it.
+    with RunGuard(max_calls=3, guards=[FailsOnceWhenAdmitted()], raise_on_exit=False) as outer:
+        with RunGuard(max_identical_requests=2):
+            with pytest.raises(ZeroDivisionError):
+                ask(client)
+            ask(client)
+            ask(client)  # the second copy sent: the failed one was never a copy
+        ask(client, content="other")  # the third of max_calls=3: nothing is held
+        with pytest.raises(BudgetExceeded):
+            ask(client, content="another")
+    assert fake.wire_count == 3
+    assert outer.usage.calls == 3
+
+
 def test_a_guard_that_needs_prices_refuses_unpriced_models(fake: FakeProvider, client) -> None:
     rule = RefuseModel("nothing")
     rule.needs_price = True

@@ -20,8 +20,17 @@ from typing import Any, NamedTuple
 import pytest
 
 import _sdk
-from runguard import GuardTripped, LoopDetected, RunGuard, ToolCall, guarded
+from runguard import (
+    Budget,
+    BudgetUnavailable,
+    GuardTripped,
+    LoopDetected,
+    RunGuard,
+    ToolCall,
+    guarded,
+)
 from runguard.guards import RepeatedToolCalls
+from runguard.stores import MemoryStore
 from runguard.testing import FakeProvider, Reply, WireRequest
 
 MODEL = "gpt-4o-mini"
@@ -883,6 +892,51 @@ def test_identical_requests_count_only_within_the_window(
         for content in contents:
             ask(client, content)
     assert fake.wire_count == sent
+
+
+class DownStore(MemoryStore):
+    """A budget store that cannot be reached: every call through its budget is refused."""
+
+    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("store unreachable")
+
+
+@pytest.mark.parametrize("window", [3, 20])
+def test_a_request_a_shared_budget_refused_takes_no_place_in_the_window(
+    fake: FakeProvider, client: Any, window: int
+) -> None:
+    # A B A are sent; C passes the identical-requests check but its budget refuses it,
+    # so it is never sent. The last three requests sent hold A twice, so the next A
+    # is refused, with a window just full (C's admission had pushed the first A out,
+    # which must come back) or with room to spare.
+    with RunGuard(max_identical_requests=2, loop_window=window, raise_on_exit=False) as guard:
+        for content in ["a", "b", "a"]:
+            ask(client, content)
+        with (
+            pytest.raises(BudgetUnavailable),
+            RunGuard(budgets=[Budget("unreachable", max_calls=100, store=DownStore())]),
+        ):
+            ask(client, "c")
+        with pytest.raises(LoopDetected):
+            ask(client, "a")
+    assert [r.body["messages"][-1]["content"] for r in fake.requests] == ["a", "b", "a"]
+    assert guard.trip is not None and guard.trip.guard == "max_identical_requests"
+
+
+def test_a_request_retried_after_its_budget_refused_it_is_not_a_repeat(
+    fake: FakeProvider, client: Any
+) -> None:
+    with RunGuard(max_identical_requests=1, raise_on_exit=False) as guard:
+        with (
+            pytest.raises(BudgetUnavailable),
+            RunGuard(budgets=[Budget("unreachable", max_calls=100, store=DownStore())]),
+        ):
+            ask(client)
+        ask(client)  # the first copy never left: this one is the first sent
+        with pytest.raises(LoopDetected):
+            ask(client)
+    assert fake.wire_count == 1
+    assert guard.trip is not None and guard.trip.observed == 2
 
 
 # Identical requests fired together (asyncio.gather, a thread pool) are in flight

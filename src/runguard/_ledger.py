@@ -9,6 +9,7 @@ calls are admitted.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from itertools import count
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .guards import Guard
     from .pricing import Rates
 
+log = logging.getLogger("runguard")
 _serials = count(1)
 
 
@@ -254,9 +256,17 @@ class Ledger:
                     account.reserved_input_tokens += request.input_tokens
                     account.reserved_output_tokens += request.max_output_tokens
                     account.reserved_cost_usd += cost
-                    for guard in account.admitted_guards:
-                        guard.admitted(request, account)
                 reservation.open = True
+                try:
+                    for account in accounts:
+                        for guard in account.admitted_guards:
+                            guard.admitted(request, account)
+                except BaseException:
+                    # a guard of the user's failed: the call is not sent, and what the
+                    # guards before it counted is taken back
+                    _withdraw(reservation, stop=(guard, account))
+                    _unreserve(reservation)
+                    raise
                 return
         raise _exception(refused[1], usage)
 
@@ -315,6 +325,8 @@ class Ledger:
     def release(self, reservation: Reservation) -> None:
         """Drop a reservation without charging anything (a call that was never sent)."""
         with self._lock:
+            if reservation.open:
+                _withdraw(reservation)
             _unreserve(reservation)
 
     def breakdown(self, account: Account) -> Breakdown:
@@ -400,6 +412,25 @@ class Ledger:
             if account.trip is None:
                 account.trip = _own(trip, account)
             return account.trip
+
+
+def _withdraw(reservation: Reservation, stop: tuple[Any, Account] | None = None) -> None:
+    """Tell the guards ``admitted`` was called for that the call is not sent after all.
+
+    ``stop``: the (guard, account) whose ``admitted`` failed; the guards from it on
+    were not told of the call.
+    """
+    request = reservation.request
+    for account in reservation.accounts:
+        for guard in account.admitted_guards:
+            if stop is not None and guard is stop[0] and account is stop[1]:
+                return
+            withdrawn = getattr(guard, "withdrawn", None)
+            if callable(withdrawn):
+                try:
+                    withdrawn(request, account)
+                except Exception:  # the reservation must still be given back
+                    log.exception("runguard: guard %r failed to withdraw a call", guard)
 
 
 def _unreserve(reservation: Reservation) -> bool:

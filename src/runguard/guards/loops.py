@@ -27,18 +27,22 @@ DEFAULT_LOOP_WINDOW = 20
 class _Window:
     """How often each key appeared in the last ``size`` calls."""
 
-    __slots__ = ("counts", "recent")
+    __slots__ = ("counts", "left", "recent")
 
     def __init__(self, size: int) -> None:
         self.recent: deque[tuple[Hashable, ...]] = deque(maxlen=size)
         self.counts: dict[Hashable, int] = {}
+        #: the calls that slid out last, newest last: one comes back when a call is withdrawn
+        self.left: deque[tuple[Hashable, ...]] = deque(maxlen=size)
 
     def push(self, keys: tuple[Hashable, ...]) -> None:
         """Count one call's ``keys``, which must be distinct (a key counts once per call)."""
         counts = self.counts
         recent = self.recent
         if len(recent) == recent.maxlen:
-            for old in recent[0]:
+            oldest = recent[0]
+            self.left.append(oldest)
+            for old in oldest:
                 left = counts[old] - 1
                 if left:
                     counts[old] = left
@@ -47,6 +51,31 @@ class _Window:
         recent.append(keys)
         for key in keys:
             counts[key] = counts.get(key, 0) + 1
+
+    def withdraw(self, keys: tuple[Hashable, ...]) -> None:
+        """Take back the latest call pushed with ``keys``, as if it had never been pushed."""
+        for calls in (self.recent, self.left):
+            for i in range(len(calls) - 1, -1, -1):
+                if calls[i] == keys:
+                    del calls[i]
+                    break
+            else:
+                continue
+            if calls is self.left:
+                return  # it had slid out already: the window is as it would be
+            counts = self.counts
+            for key in keys:
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
+            if self.left:  # the call it pushed out slides back in
+                back = self.left.pop()
+                self.recent.appendleft(back)
+                for key in back:
+                    counts[key] = counts.get(key, 0) + 1
+            return
 
 
 def _window(guard: object, window: int, account: Account) -> _Window:
@@ -166,6 +195,12 @@ class IdenticalRequests:
         fingerprint = request.fingerprint
         keys = () if fingerprint is None else (fingerprint,)
         (account.state.get(self) or _window(self, self.window, account)).push(keys)
+
+    def withdrawn(self, request: CallRequest, account: Account) -> None:
+        # admitted, then not sent (a shared budget refused it): it was never a repeat
+        fingerprint = request.fingerprint
+        keys = () if fingerprint is None else (fingerprint,)
+        _window(self, self.window, account).withdraw(keys)
 
     @inert
     def settled(self, request: CallRequest, result: CallResult, account: Account) -> Trip | None:
