@@ -881,6 +881,24 @@ def test_identical_responses_requests_compare_the_input(fake: FakeProvider, clie
     assert [r.body["input"] for r in fake.requests] == ["find x", "find x", "find y", "find x"]
 
 
+def test_responses_requests_with_other_stored_prompts_or_conversations_are_not_identical(
+    fake: FakeProvider, client: Any
+) -> None:
+    responses = _sdk.surface(client, "responses")
+    for name in ("prompt", "conversation"):  # newer parameters
+        _sdk.accepts(responses.create, name)
+    summarise = {"id": "pmpt_summarise", "variables": {"text": "the report"}}
+    with pytest.raises(LoopDetected), RunGuard(max_identical_requests=1):
+        responses.create(model=MODEL, input="go", prompt=summarise)
+        responses.create(model=MODEL, input="go", prompt={**summarise, "id": "pmpt_translate"})
+        responses.create(model=MODEL, input="go", prompt={**summarise, "variables": {"text": "x"}})
+        responses.create(model=MODEL, input="go", previous_response_id="resp_1")
+        responses.create(model=MODEL, input="go", previous_response_id="resp_2")
+        responses.create(model=MODEL, input="go", conversation="conv_1")
+        responses.create(model=MODEL, input="go", prompt=summarise)  # the first one again
+    assert fake.wire_count == 6
+
+
 @pytest.mark.parametrize(("window", "sent"), [(3, 6), (20, 4)])
 def test_identical_requests_count_only_within_the_window(
     fake: FakeProvider, client: Any, window: int, sent: int

@@ -44,7 +44,8 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
         cap = int_field(body, "max_completion_tokens", "max_tokens")
     elif endpoint.startswith("responses"):
         tokens = count_messages(body.get("input"), count, note)
-        tokens += count_fields(body, ("instructions", "tools", "text"), count, note)
+        # a stored prompt's variables are text the model reads; its id is noted only
+        tokens += count_fields(body, ("instructions", "tools", "text", "prompt"), count, note)
         cap = int_field(body, "max_output_tokens")
     elif endpoint == "completions":
         tokens = _count_inputs(body.get("prompt"), count, note)
@@ -56,7 +57,11 @@ def describe(options: Any, want_fingerprint: bool = False) -> Plan | None:
         cap *= max(int_field(body, "n") or 1, int_field(body, "best_of") or 1)
     digest = None
     if trace is not None:
-        digest = fingerprint(trace, endpoint, model, body.get("tool_choice"))
+        extra = body.get("tool_choice")
+        if endpoint.startswith("responses"):
+            # the same input continues a different conversation: not the same request
+            extra = (extra, body.get("previous_response_id"), body.get("conversation"))
+        digest = fingerprint(trace, endpoint, model, extra)
     return make_plan((endpoint, model, tokens, cap, body.get("stream") is True, digest))
 
 
