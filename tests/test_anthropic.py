@@ -21,6 +21,7 @@ import pytest
 import runguard
 from _sdk import surface
 from runguard import BudgetExceeded, GuardTripped, RunGuard, UnknownModelPrice
+from runguard.pricing import dollars
 from runguard.providers import missing_hooks
 from runguard.testing import FakeProvider, Reply
 
@@ -416,7 +417,7 @@ def test_dollar_ceiling_refuses_the_worst_case_before_sending(
     assert trip.limit == pytest.approx(output_only / 2)
     # the worst case prices the full output cap plus the estimated input
     assert trip.observed > output_only
-    assert f"${trip.observed:,.4f}" in str(info.value)
+    assert dollars(trip.observed) in str(info.value)
 
 
 def test_input_ceiling_refuses_before_sending(

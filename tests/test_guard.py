@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import pickle
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -277,6 +278,24 @@ def test_exit_raises_when_usage_overshot_after_the_last_call(fake: FakeProvider,
     assert info.value.trip is guard.trip
     assert guard.trip.observed == 500
     assert guard.usage.input_tokens == 500
+
+
+def test_refusals_survive_a_trip_through_pickle(client) -> None:
+    # as from a process pool's worker back to its parent
+    refusals: list[Exception] = []
+    with RunGuard(max_calls=1, max_cost_usd=1.0, raise_on_exit=False):
+        ask(client)
+        for model in (MODEL, "my-private-finetune"):
+            try:
+                ask(client, model=model)
+            except (BudgetExceeded, UnknownModelPrice) as refused:
+                refusals.append(refused)
+    assert [type(e) for e in refusals] == [BudgetExceeded, UnknownModelPrice]
+    for refused in refusals:
+        back = pickle.loads(pickle.dumps(refused))
+        assert type(back) is type(refused)
+        assert str(back) == str(refused)
+        assert vars(back) == vars(refused)
 
 
 def test_other_exceptions_are_not_replaced_by_the_trip(client) -> None:
@@ -793,6 +812,22 @@ def test_a_guard_that_needs_prices_refuses_unpriced_models(fake: FakeProvider, c
 def test_a_non_guard_object_is_rejected(bad: object) -> None:
     with pytest.raises(TypeError, match="guards"):
         RunGuard(guards=[bad])
+
+
+def test_a_guard_class_is_rejected_even_with_the_protocols_attributes() -> None:
+    class AllowAll:
+        name = "allow_all"
+        needs_price = False
+
+        def admit(self, request, account):
+            return None
+
+        def settled(self, request, result, account):
+            return None
+
+    with pytest.raises(TypeError, match=r"class AllowAll, pass an instance \(AllowAll\(...\)\)"):
+        RunGuard(guards=[AllowAll])
+    RunGuard(guards=[AllowAll()])
 
 
 def test_guards_must_be_an_iterable_of_guards() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -401,6 +402,10 @@ def test_judge_calls_count_against_a_plain_process_guard(
         ({"min_rows": 0}, ValueError, "min_rows"),
         ({"seed": "x"}, TypeError, "seed"),
         ({"judge_calls_per_row": {"nope": 2}}, ValueError, "judge_calls_per_row"),
+        ({"judge_calls_per_row": {"correctness": -5}}, ValueError, "judge_calls_per_row"),
+        ({"judge_calls_per_row": {"correctness": math.nan}}, ValueError, "judge_calls_per_row"),
+        ({"judge_calls_per_row": {"correctness": "2"}}, TypeError, "judge_calls_per_row"),
+        ({"judge_calls_per_row": [("correctness", 2)]}, TypeError, "judge_calls_per_row"),
         ({"model": lambda df: df}, TypeError, "not both"),
     ],
 )

@@ -26,6 +26,7 @@ import runguard
 from _sdk import accepts, chat_helper, has, surface
 from _stand_in import write_stand_in
 from runguard import BudgetExceeded, GuardTripped, Price, RunGuard, UnknownModelPrice
+from runguard.pricing import dollars
 from runguard.providers import _stainless, missing_hooks
 from runguard.providers import openai as openai_adapter
 from runguard.testing import FakeProvider, Reply
@@ -582,8 +583,8 @@ def test_dollar_ceiling_refuses_the_worst_case_before_sending(
     assert trip.observed == pytest.approx(worst)
     message = str(info.value)
     assert "max_cost_usd" in message
-    assert "$0.0050" in message
-    assert f"${worst:,.4f}" in message
+    assert "over the limit of $0.005 " in message
+    assert dollars(worst) in message
 
 
 def test_call_that_fits_is_admitted_and_the_next_one_that_does_not_is_refused(

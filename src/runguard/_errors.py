@@ -107,6 +107,10 @@ class UnknownModelPrice(RunGuardError, LookupError):
             f"prices={{{model!r}: 'gpt-4o'}}."
         )
 
+    def __reduce__(self) -> tuple[type[UnknownModelPrice], tuple[str, str]]:
+        # a process pool pickles it back to the parent: rebuild from the fields
+        return (type(self), (self.provider, self.model))
+
 
 class InstrumentationError(RunGuardError):
     """An installed SDK no longer has the private methods RunGuard hooks.

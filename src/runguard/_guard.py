@@ -105,6 +105,13 @@ def _keyword_guards(limits: Mapping[str, Any], loop_window: object) -> list[Guar
 
 
 def _check_guard(guard: object) -> Guard:
+    if isinstance(guard, type):
+        # a class with the protocol's attributes passes the check below, then fails at
+        # the first call
+        raise TypeError(
+            f"guards must hold guard objects; got the class {guard.__name__}, "
+            f"pass an instance ({guard.__name__}(...))"
+        )
     if not isinstance(guard, Guard):
         raise TypeError(
             f"guards must implement runguard.guards.Guard (name, needs_price, admit, "

@@ -21,6 +21,7 @@ from ._checks import positive
 from ._errors import BudgetExceeded, BudgetUnavailable
 from ._records import CallRequest, Trip, Usage
 from .alerts import Alert, OnAlert, check_on_alert, check_thresholds
+from .pricing import dollars
 from .stores import Amounts, Limits, MemoryStore, Store
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ def _label(metric: str) -> str:
 
 
 def _fmt(metric: str, value: float) -> str:
-    return f"${value:,.4f}" if metric == "cost_usd" else f"{int(value):,}"
+    return dollars(value) if metric == "cost_usd" else f"{int(value):,}"
 
 
 class Lease(NamedTuple):

@@ -137,7 +137,14 @@ def estimate_eval_calls(
     per_row = float(agent_calls_per_row) if runs_agent else 0.0
     judges: dict[str, float] = {}
     others: list[str] = []
+    if judge_calls_per_row is not None and not isinstance(judge_calls_per_row, Mapping):
+        raise TypeError(
+            "judge_calls_per_row must map judge names to calls per row, "
+            f"got {type(judge_calls_per_row).__name__}"
+        )
     overrides = dict(judge_calls_per_row or {})
+    for judge_name, calls in overrides.items():
+        positive(f"judge_calls_per_row[{judge_name!r}]", calls, whole=False)
     for scorer in (*scorers, *extra_metrics):
         name = str(getattr(scorer, "name", type(scorer).__name__))
         if _is_llm_judge(scorer):

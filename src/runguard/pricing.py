@@ -213,3 +213,14 @@ def rates_for(
         if found in seen:
             return None
         model = found
+
+
+def dollars(value: float) -> str:
+    """``value`` in a refusal's words: to the millionth of a dollar, at least to the cent.
+
+    Four decimals made a refusal under a small limit read "would bring cost to $0.0010,
+    over the limit of $0.0010".
+    """
+    text = f"{value:,.6f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import BudgetExceeded
 from .._records import CallRequest, CallResult, Trip
+from ..pricing import dollars
 
 if TYPE_CHECKING:
     from .._ledger import Account
@@ -24,7 +25,7 @@ _NOUNS = {
 
 def _amount(metric: str, value: float) -> str:
     if metric == "cost_usd":
-        return f"${value:,.4f}"
+        return dollars(value)
     return f"{int(value):,}"
 
 
