@@ -311,6 +311,51 @@ def test_streaming_response_read_whole_but_not_parsed_is_exact_when_closed(
     assert_exact(usage, REPLY, MODEL)
 
 
+LONG = Reply(text="x" * 4000, input_tokens=31, output_tokens=7)  # a body of many pieces
+
+
+def assert_abandoned_at_the_block_end(guard: RunGuard, fake: FakeProvider) -> None:
+    # settled when the block ended, not later: the worst case of what it never showed
+    usage = guard.usage
+    assert (usage.calls, usage.estimated_calls, usage.output_tokens) == (1, 1, 50)
+    assert guard._account.reserved_calls == 0
+    assert fake.wire_count == 1
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["break", "iterator-kept"])
+def test_streaming_response_read_in_part_is_settled_when_its_block_ends(
+    fake: FakeProvider, client: openai.OpenAI, keep: bool
+) -> None:
+    fake.default = LONG
+    with RunGuard() as guard:
+        with client.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=50
+        ) as response:
+            pieces = response.iter_bytes(chunk_size=100)
+            next(pieces)
+            if not keep:
+                del pieces
+        assert_abandoned_at_the_block_end(guard, fake)
+
+
+@pytest.mark.parametrize("read", ["iter_bytes", "iter_text", "iter_lines", "kept"])
+async def test_async_streaming_response_read_in_part_is_settled_when_its_block_ends(
+    fake: FakeProvider, aclient: openai.AsyncOpenAI, read: str
+) -> None:
+    fake.default = LONG
+    with RunGuard() as guard:
+        async with aclient.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=50
+        ) as response:
+            if read == "kept":
+                pieces = response.iter_bytes(chunk_size=100)
+                await pieces.__anext__()
+            else:
+                async for _ in getattr(response, read)():
+                    break
+        assert_abandoned_at_the_block_end(guard, fake)
+
+
 def test_streaming_response_read_with_iter_lines_is_counted_once(
     fake: FakeProvider, client: openai.OpenAI
 ) -> None:

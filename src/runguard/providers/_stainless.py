@@ -537,7 +537,7 @@ class _CloseHook:
         response = self.response()
         if response is None:
             return None
-        settle = _settles_on_close(self.call, response)
+        settle = _settles_on_close(self.call, sys._getframe(1).f_globals.get("__name__", ""))
         try:
             return type(response).close(response)
         finally:
@@ -552,7 +552,7 @@ class _AsyncCloseHook(_CloseHook):
         response = self.response()
         if response is None:
             return None
-        settle = _settles_on_close(self.call, response)
+        settle = _settles_on_close(self.call, sys._getframe(1).f_globals.get("__name__", ""))
         try:
             return await type(response).aclose(response)
         finally:
@@ -560,21 +560,20 @@ class _AsyncCloseHook(_CloseHook):
                 _settle_closed(self.adapter, self.call, response)
 
 
-def _settles_on_close(call: Call, response: Any) -> bool:
+def _settles_on_close(call: Call, closer: str) -> bool:
     """Whether this close ends the call, rather than ending a body read still in progress.
 
     A stream closes its response from inside the read that exhausts it, and
-    the metered iterator settles right after; a streamed raw body closes when
-    its last byte is read, and the SDK may parse it next. Any other close
-    (the caller's, a context manager's, a second one) ends the call.
+    the metered iterator settles right after; a streamed raw body is closed by
+    httpx's own byte iterators when they end (``closer`` is the module calling
+    close), then ``read()`` stores it and the SDK may parse it next. Any other
+    close (the caller's, a context manager's, a second one) ends the call,
+    after a partial read too.
     """
     if call.reading:
         return False
     if call.settle_on_body:
-        ending_read = not getattr(response, "is_closed", True) and getattr(
-            response, "is_stream_consumed", False
-        )
-        return not ending_read
+        return not closer.startswith("httpx")  # httpx, or the httpx2 fork
     return True
 
 
