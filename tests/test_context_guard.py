@@ -322,6 +322,52 @@ SENDS_WITH_BIG_PARTS = {
 }
 
 
+def anthropic_tool_input(key: str) -> Callable[[Clients], Any]:
+    """A history whose tool call carries the big text in its input, under ``key``.
+
+    A tool's input is the caller's own JSON: a key that elsewhere marks an identifier
+    or a binary payload (``id``, ``data``, ``image_url``) holds text here like any other.
+    """
+
+    def send(c: Clients) -> Any:
+        turn = {"type": "tool_use", "id": "toolu_1", "name": "save", "input": {key: BIG_TEXT}}
+        return c.anthropic.messages.create(
+            model=CLAUDE,
+            max_tokens=16,
+            messages=[
+                {"role": "user", "content": "save it"},
+                {"role": "assistant", "content": [turn]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]},
+            ],
+        )
+
+    return send
+
+
+SENDS_WITH_BIG_PARTS.update(
+    {
+        f"anthropic-tool-input-{key}": anthropic_tool_input(key)
+        for key in ("data", "id", "image_url")
+    }
+)
+SENDS_WITH_BIG_PARTS["chat-tool-schema-property-id"] = lambda c: c.openai.chat.completions.create(
+    model=MODEL,
+    messages=user("hi"),
+    tools=[
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"id": {"type": "string", "description": BIG_TEXT}},
+                },
+            },
+        }
+    ],
+)
+
+
 @pytest.mark.parametrize("kind", sorted(SENDS_WITH_BIG_PARTS))
 def test_every_part_of_the_input_counts_toward_the_limit(
     fake: FakeProvider, clients: Clients, kind: str

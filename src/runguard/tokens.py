@@ -62,6 +62,9 @@ _BINARY_TYPES = frozenset(
 )
 # Keys whose values are identifiers or binary payloads, not text the model reads.
 _SKIP_KEYS = frozenset({"id", "tool_call_id", "call_id", "cache_control", "image_url", "data"})
+# Keys whose values are the caller's own JSON (a tool call's input, a tool's schema):
+# every text in them counts, whatever its key, since those keys are the caller's.
+_DATA_KEYS = frozenset({"input", "input_schema", "parameters", "schema", "arguments"})
 
 Counter = Callable[[str], int]
 #: what receives the notes of a walk that also fingerprints (see count_content)
@@ -332,6 +335,8 @@ def _count_mapping(value: Mapping[Any, Any], count: Counter, note: Note | None) 
             kind = type(item)
             if kind is str:
                 total += count(item)
+            elif key in _DATA_KEYS:
+                total += _count_data(item, count, None)
             elif kind is dict:
                 total += _count_mapping(item, count, None)
             else:
@@ -346,6 +351,9 @@ def _count_mapping(value: Mapping[Any, Any], count: Counter, note: Note | None) 
                 total += count(item)
         elif key in _SKIP_KEYS:
             note((key, repr(item)))
+        elif key in _DATA_KEYS:
+            note(key)
+            total += _count_data(item, count, note)
         else:
             note(key)
             if kind is dict:
@@ -354,6 +362,34 @@ def _count_mapping(value: Mapping[Any, Any], count: Counter, note: Note | None) 
                 total += count_content(item, count, note)
     note(_END)
     return total
+
+
+def _count_data(value: Any, count: Counter, note: Note | None) -> int:
+    """Tokens of the caller's own JSON: every text in it, none skipped as an identifier."""
+    kind = type(value)
+    if kind is str:
+        if note is not None:
+            note(value)
+        return count(value)
+    if kind is dict or isinstance(value, Mapping):
+        if note is not None:
+            note(_MAPPING)
+        total = 0
+        for key, item in value.items():
+            if note is not None:
+                note(key)
+            total += _count_data(item, count, note)
+        if note is not None:
+            note(_END)
+        return total
+    if kind is list or kind is tuple:
+        if note is not None:
+            note(_SEQUENCE)
+        total = sum(_count_data(item, count, note) for item in value)
+        if note is not None:
+            note(_END)
+        return total
+    return count_content(value, count, note)  # numbers and None count nothing
 
 
 def count_messages(messages: Any, count: Counter, note: Note | None = None) -> int:
