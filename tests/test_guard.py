@@ -793,6 +793,31 @@ def test_a_guard_whose_admitted_fails_leaves_nothing_of_the_call(fake: FakeProvi
     assert outer.usage.calls == 3
 
 
+class FailsWhenSettled:
+    """A user's guard with a bug: its ``settled`` raises."""
+
+    name = "fails_settled"
+    needs_price = False
+
+    def admit(self, request, account):
+        return None
+
+    def settled(self, request, result, account):
+        raise ZeroDivisionError("a bug in the user's guard")
+
+
+def test_a_guard_whose_settled_fails_takes_neither_the_answer_nor_the_charges(
+    fake: FakeProvider, client
+) -> None:
+    # the call was sent and paid for: its answer is returned, every guard is charged
+    with RunGuard(name="outer") as outer, RunGuard(guards=[FailsWhenSettled()]) as inner:
+        answer = ask(client)
+    assert answer.usage.prompt_tokens == 7
+    assert fake.wire_count == 1
+    for guard in (inner, outer):
+        assert (guard.usage.calls, guard.usage.input_tokens, guard.usage.output_tokens) == (1, 7, 3)
+
+
 def test_a_guard_that_needs_prices_refuses_unpriced_models(fake: FakeProvider, client) -> None:
     rule = RefuseModel("nothing")
     rule.needs_price = True

@@ -356,6 +356,32 @@ def test_binary_parts_count_image_tokens_not_their_base64(
     assert with_part < len(B64) / 20
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"type": "text", "media_type": "text/plain", "data": "TEXT"},
+        {"type": "content", "content": [{"type": "text", "text": "TEXT"}]},
+    ],
+    ids=["text", "content"],
+)
+def test_a_document_given_as_text_counts_its_text_not_a_files_figure(
+    fresh_counters, source: dict
+) -> None:
+    count = counter_for("anthropic", "claude-haiku-4-5")
+    text = "The quarterly report. " * 3000  # far more than IMAGE_TOKENS
+
+    def document(text: str) -> dict:
+        given = {k: (text if v == "TEXT" else v) for k, v in source.items()}
+        if "content" in given:
+            given["content"] = [{"type": "text", "text": text}]
+        return {"type": "document", "source": given}
+
+    # its text, plus the few tokens of a content block's "type": "text"
+    assert count(text) <= count_content(document(text), count) <= count(text) + 3
+    assert count_content(document("short"), count) <= count("short") + 3 < IMAGE_TOKENS
+    assert count(text) > IMAGE_TOKENS
+
+
 def test_an_image_call_is_admitted_under_a_token_ceiling(fresh_counters) -> None:
     fake = FakeProvider(default=Reply(input_tokens=IMAGE_TOKENS, output_tokens=5))
     client = fake.openai(max_retries=0)

@@ -316,7 +316,13 @@ class Ledger:
                     alerts.extend((a, account.on_alert) for a in _crossed(account))
                 if account.trip is None:
                     for guard in account.settling:
-                        trip = guard.settled(request, result, account)
+                        try:
+                            trip = guard.settled(request, result, account)
+                        except Exception:
+                            # a user's guard failed: the call was sent and paid for, so its
+                            # answer is returned and every covering guard still charged
+                            log.exception("runguard: guard %r failed to judge a call", guard)
+                            continue
                         if trip is not None:
                             account.trip = _own(trip, account)
                             break

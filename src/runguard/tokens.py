@@ -322,6 +322,11 @@ def _count_sequence(value: Any, count: Counter, note: Note | None) -> int:
 
 def _count_mapping(value: Mapping[Any, Any], count: Counter, note: Note | None) -> int:
     if value.get("type") in _BINARY_TYPES:
+        source = value.get("source")
+        if type(source) is dict and source.get("type") in ("text", "content"):
+            # an Anthropic document given as text, not as a file: its text counts
+            text = source.get("data") if source["type"] == "text" else source.get("content")
+            return count_content(text, count, note)
         if note is not None:
             note(repr(value))  # the content itself: two images must not look alike
         return IMAGE_TOKENS
