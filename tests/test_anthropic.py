@@ -9,6 +9,7 @@ and writes, as Anthropic does); dollars are checked against
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 from typing import Any
@@ -330,6 +331,54 @@ def test_cache_usage_on_a_stream_is_exact(fake: FakeProvider, client: anthropic.
         for _ in create(client, stream=True):
             pass
     assert_exact(guard.usage, CACHED)
+
+
+class DeltaUsage(FakeProvider):
+    """Streams whose ``message_delta`` reports ``usage`` instead of output tokens alone.
+
+    Server tools make the API report input that grew during the message there; a proxy
+    may send the cache fields of that event as null.
+    """
+
+    def __init__(self, usage: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.usage = usage
+
+    def _respond(self, request: Any, wire: Any, reply: Reply) -> Any:
+        response = super()._respond(request, wire, reply)
+        if response.headers.get("content-type") != "text/event-stream":
+            return response
+        events = []
+        for event in response.content.decode().split("\n\n"):
+            if event.startswith("event: message_delta"):
+                name, data = event.split("\n", 1)
+                delta = json.loads(data.removeprefix("data: "))
+                delta["usage"] = self.usage
+                event = f"{name}\ndata: {json.dumps(delta)}"
+            events.append(event)
+        return type(response)(
+            200, content="\n\n".join(events).encode(), headers=dict(response.headers)
+        )
+
+
+@pytest.mark.parametrize("cache", ["null", "absent"])
+def test_usage_fields_a_stream_event_leaves_out_keep_their_earlier_value(cache: str) -> None:
+    # message_start: 100 fresh input tokens and 10,000 read from the cache; the delta
+    # says the fresh input grew to 600 and is silent on the cache
+    grown: dict[str, Any] = {"input_tokens": 600, "output_tokens": 50}
+    if cache == "null":
+        grown |= {"cache_read_input_tokens": None, "cache_creation_input_tokens": None}
+    fake = DeltaUsage(grown, default=Reply(input_tokens=10_100, cache_read_tokens=10_000))
+    client = fake.anthropic(max_retries=0)
+    with (
+        RunGuard() as guard,
+        client.messages.stream(model=MODEL, messages=MESSAGES, max_tokens=200) as stream,
+    ):
+        stream.get_final_message()
+    usage = guard.usage
+    assert usage.input_tokens == 10_600  # the fresh 600 and the 10,000 read
+    assert (usage.cache_read_tokens, usage.output_tokens) == (10_000, 50)
+    assert fake.wire_count == 1
 
 
 async def test_async_cache_usage_on_the_stream_helper_is_exact(

@@ -65,13 +65,17 @@ def read_usage(data: Any, call: Call) -> None:
         return
     if not isinstance(usage, dict):
         return
-    # counts that are not ints (absent, null) are 0; checked inline, as this runs per event
+    # A count that is not an int (absent, null) keeps the value an earlier event of the
+    # message gave, as the SDK's own accumulation does (0 before any); checked inline, as
+    # this runs per event.
+    before_read, before_write = call.cache_read_tokens, call.cache_write_tokens
     cache_read = usage.get("cache_read_input_tokens")
-    cache_read = cache_read if type(cache_read) is int else 0
+    cache_read = cache_read if type(cache_read) is int else before_read
     cache_write = usage.get("cache_creation_input_tokens")
-    cache_write = cache_write if type(cache_write) is int else 0
+    cache_write = cache_write if type(cache_write) is int else before_write
     fresh = usage.get("input_tokens")
-    fresh = fresh if type(fresh) is int else 0
+    if type(fresh) is not int:
+        fresh = call.input_tokens - before_read - before_write
     output = usage.get("output_tokens")
     call.observe(
         model,
