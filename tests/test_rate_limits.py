@@ -419,6 +419,8 @@ def test_rate_limited_attempts_count_the_429s_that_reached_the_wire(
         pytest.param({"retry-after-ms": "1500"}, 1.5, id="retry-after-ms"),
         pytest.param({"retry-after-ms": "250", "retry-after": "7"}, 0.25, id="ms-preferred"),
         pytest.param({"retry-after": "7"}, 7.0, id="retry-after-seconds"),
+        pytest.param({"retry-after-ms": "soon", "retry-after": "7"}, 7.0, id="bad-ms-passed-over"),
+        pytest.param({"retry-after-ms": "nan", "retry-after": "7"}, 7.0, id="nan-ms-passed-over"),
     ],
 )
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])

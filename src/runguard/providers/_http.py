@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from email.utils import parsedate_to_datetime
 from time import time
@@ -31,22 +32,34 @@ def attempt_of(status: int, headers: Any, body: bytes | None) -> Attempt:
 
 
 def retry_after(headers: Any) -> float | None:
-    """Seconds the provider asked to wait, from ``retry-after-ms`` or ``retry-after``."""
+    """Seconds the provider asked to wait, from ``retry-after-ms`` or ``retry-after``.
+
+    A header that does not parse is passed over, as the SDKs pass it over.
+    """
     if headers is None:
         return None
-    try:
-        millis = headers.get("retry-after-ms")
-        if millis is not None:
-            return max(0.0, float(millis) / 1000)
-        value = headers.get("retry-after")
-        if value is None:
-            return None
+    for name, per_second in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         try:
-            return max(0.0, float(value))
-        except ValueError:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time())
-    except (TypeError, ValueError, OverflowError, IndexError):
-        return None
+            value = headers.get(name)
+        except (TypeError, ValueError):
+            return None
+        seconds = None if value is None else _seconds(value, per_second)
+        if seconds is not None:
+            return seconds
+    return None
+
+
+def _seconds(value: Any, per_second: float) -> float | None:
+    try:
+        seconds = float(value) / per_second
+    except (TypeError, ValueError):
+        if per_second != 1.0:
+            return None
+        try:  # retry-after may be an HTTP date
+            seconds = parsedate_to_datetime(value).timestamp() - time()
+        except (TypeError, ValueError, OverflowError, IndexError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _budget_refusal(status: int, body: bytes | None) -> str | None:
