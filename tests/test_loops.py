@@ -508,6 +508,55 @@ def test_different_tool_calls_are_not_repeats(
     assert guard_trip.details["tool"] == first.tool_calls[0][0]
 
 
+class WholeInputAtStart(FakeProvider):
+    """Anthropic streams whose tool_use blocks open with their whole input, and no pieces.
+
+    The API opens a block with an empty input and streams the JSON in pieces; some
+    proxies put the whole input in the opening event instead.
+    """
+
+    def _respond(self, request: Any, wire: WireRequest, reply: Reply) -> Any:
+        response = super()._respond(request, wire, reply)
+        if response.headers.get("content-type") != "text/event-stream" or not reply.tool_calls:
+            return response
+        inputs = iter(args for _, args in reply.tool_calls)
+        events = []
+        for event in response.content.decode().split("\n\n"):
+            name, _, data = event.partition("\ndata: ")
+            if name == "event: content_block_delta" and "input_json_delta" in data:
+                continue
+            if name == "event: content_block_start" and '"tool_use"' in data:
+                opened = json.loads(data)
+                opened["content_block"]["input"] = dict(next(inputs))
+                event = f"{name}\ndata: {json.dumps(opened)}"
+            events.append(event)
+        content = "\n\n".join(events).encode()
+        return type(response)(200, content=content, headers=dict(response.headers))
+
+
+def test_a_tool_input_given_whole_when_its_block_opens_is_read(clients: Clients) -> None:
+    fake = WholeInputAtStart()
+    fake.script(*(Reply(tool_calls=(("search", {"q": q}),)) for q in ("a", "b", "a", "b")))
+    client = fake.anthropic(max_retries=0)
+    seen = []
+    with RunGuard(max_repeated_tool_calls=2, raise_on_exit=False) as guard:
+        for _ in range(3):
+            events = client.messages.create(
+                model=CLAUDE, max_tokens=64, messages=MESSAGES, stream=True
+            )
+            seen.append(
+                [
+                    (e.content_block.name, e.content_block.input)
+                    for e in events
+                    if e.type == "content_block_start" and e.content_block.type == "tool_use"
+                ]
+            )
+            if len(seen) == 2:
+                assert not guard.tripped  # search(a) and search(b) are not one tool call
+    assert seen == [[("search", {"q": "a"})], [("search", {"q": "b"})], [("search", {"q": "a"})]]
+    assert guard.trip is not None and guard.trip.details["arguments"] == '{"q":"a"}'
+
+
 def test_one_answer_asking_twice_for_the_same_tool_call_counts_once(
     fake: FakeProvider, client: Any
 ) -> None:

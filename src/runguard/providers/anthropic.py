@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .._call import Call
@@ -101,7 +102,11 @@ def _read_tool_calls(kind: object, data: dict[str, Any], call: Call) -> None:
         if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
             if call.pending_tools is None:
                 call.pending_tools = {}
-            call.pending_tools[data.get("index")] = [str(block.get("name")), ""]
+            # The API opens the block with an empty input and streams it in pieces; an
+            # input given whole at the start (as some proxies do) is taken as it is.
+            given = block.get("input")
+            start = json.dumps(given) if isinstance(given, dict) and given else ""
+            call.pending_tools[data.get("index")] = [str(block.get("name")), start]
     elif kind == "content_block_delta" and call.pending_tools:
         delta = data.get("delta")
         entry = call.pending_tools.get(data.get("index"))
