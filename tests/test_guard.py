@@ -644,6 +644,29 @@ async def test_guarded_async_makes_a_fresh_guard_per_invocation(fake: FakeProvid
     assert fake.wire_count == 10
 
 
+@pytest.mark.skipif(not hasattr(asyncio, "TaskGroup"), reason="asyncio.TaskGroup: Python 3.11+")
+async def test_a_task_groups_refusals_end_the_block_quietly_when_asked(
+    fake: FakeProvider, aclient
+) -> None:
+    with RunGuard(max_calls=2, raise_on_exit=False) as quiet:
+        await aask(aclient)
+        await aask(aclient)
+        async with asyncio.TaskGroup() as group:  # every task refused: a group of trips
+            for _ in range(3):
+                group.create_task(aask(aclient))
+    assert quiet.trip is not None and fake.wire_count == 2
+    # a group that holds another error too goes on
+    with (
+        pytest.raises(BaseExceptionGroup) as raised,  # noqa: F821 (3.11+)
+        RunGuard(max_calls=1, raise_on_exit=False),
+    ):
+        async with asyncio.TaskGroup() as group:
+            group.create_task(aask(aclient))
+            group.create_task(aask(aclient))
+            raise ValueError("the agent's own error")
+    assert raised.value.subgroup(ValueError) is not None
+
+
 async def test_guarded_async_reraises_a_swallowed_trip(fake: FakeProvider, aclient) -> None:
     @guarded(max_calls=1)
     async def agent() -> None:

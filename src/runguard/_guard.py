@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextvars
 import functools
 import importlib.util
@@ -395,8 +396,9 @@ class RunGuard:
             self._exit_mlflow(trip)
         if trip is None:
             return False
-        if isinstance(exc, GuardTripped) and exc.trip is trip:
-            # Our own trip is propagating: end quietly if asked, else let it go.
+        if _only(trip, exc):
+            # Our own trip is propagating (alone, or as every exception of a task
+            # group's): end quietly if asked, else let it go.
             return not self.raise_on_exit
         if self.raise_on_exit and exc is None:
             # The agent swallowed the refusal (or usage overshot after the
@@ -496,6 +498,21 @@ class RunGuard:
         state = "tripped" if self.tripped else self._state
         label = f" {self.name!r}" if self.name else ""
         return f"<RunGuard{label} {state} guards={[g.name for g in self.guards]}>"
+
+
+def _only(trip: Trip, exc: BaseException | None) -> bool:
+    """Whether ``exc`` is ``trip``'s exception, or a group of nothing else."""
+    if isinstance(exc, GuardTripped):
+        return exc.trip is trip
+    if not isinstance(exc, _GROUP):  # an ExceptionGroup (Python 3.11+)
+        return False
+    inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())
+    return bool(inner) and all(_only(trip, e) for e in inner)
+
+
+_GROUP: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(builtins, "BaseExceptionGroup", None),) if isinstance(t, type)
+)
 
 
 def current_guard() -> RunGuard | None:
