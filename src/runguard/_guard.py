@@ -504,15 +504,14 @@ def _only(trip: Trip, exc: BaseException | None) -> bool:
     """Whether ``exc`` is ``trip``'s exception, or a group of nothing else."""
     if isinstance(exc, GuardTripped):
         return exc.trip is trip
-    if not isinstance(exc, _GROUP):  # an ExceptionGroup (Python 3.11+)
+    if not isinstance(exc, _GROUP):
         return False
     inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())
     return bool(inner) and all(_only(trip, e) for e in inner)
 
 
-_GROUP: tuple[type[BaseException], ...] = tuple(
-    t for t in (getattr(builtins, "BaseExceptionGroup", None),) if isinstance(t, type)
-)
+#: exception groups (Python 3.11+; before, an empty tuple, which nothing is an instance of)
+_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
 
 
 def current_guard() -> RunGuard | None:

@@ -63,6 +63,7 @@ class _Window:
                 continue
             if calls is self.left:
                 return  # it had slid out already: the window is as it would be
+            # push's bookkeeping, which push keeps inline: it runs on every call
             counts = self.counts
             for key in keys:
                 left = counts[key] - 1
