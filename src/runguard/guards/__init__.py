@@ -61,7 +61,8 @@ class Guard(Protocol):
     called once every RunGuard covering the call has admitted it (``admit``
     returning None does not mean the call goes: an outer guard may refuse).
     And ``withdrawn(request, account)``, called when a call ``admitted`` was called for is
-    not sent after all (a shared budget refused it): undo what ``admitted`` counted.
+    not sent after all (a shared budget refused it, or a later guard's ``admitted``
+    raised): undo what ``admitted`` counted.
     And ``admit_artifact(write, account)``, called before each artifact write
     with an :class:`~runguard.ArtifactWrite`: a Trip refuses the write.
     """
