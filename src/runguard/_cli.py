@@ -16,6 +16,7 @@ from typing import Any
 from ._errors import BudgetExceeded
 from ._guard import RunGuard
 from ._records import Trip, Usage
+from .pricing import dollars
 from .testing import FakeProvider, Reply, WireRequest
 
 MODEL = "gpt-4o"
@@ -160,7 +161,8 @@ def _report(usage: Usage, trip: Trip, wire_count: int, refused_step: int) -> str
 
 
 def _amount(guard: str, value: float) -> str:
-    return f"${value:.4f}" if guard == "max_cost_usd" else f"{value:,.0f}"
+    # as the trip's reason words it, so the table and the reason agree
+    return dollars(value) if guard == "max_cost_usd" else f"{value:,.0f}"
 
 
 def _table(title: str, rows: Sequence[tuple[str, str]]) -> str:
