@@ -54,29 +54,31 @@ class _Window:
 
     def withdraw(self, keys: tuple[Hashable, ...]) -> None:
         """Take back the latest call pushed with ``keys``, as if it had never been pushed."""
-        for calls in (self.recent, self.left):
-            for i in range(len(calls) - 1, -1, -1):
-                if calls[i] == keys:
-                    del calls[i]
-                    break
-            else:
-                continue
-            if calls is self.left:
-                return  # it had slid out already: the window is as it would be
-            # push's bookkeeping, which push keeps inline: it runs on every call
-            counts = self.counts
-            for key in keys:
-                left = counts[key] - 1
-                if left:
-                    counts[key] = left
-                else:
-                    del counts[key]
-            if self.left:  # the call it pushed out slides back in
-                back = self.left.pop()
-                self.recent.appendleft(back)
-                for key in back:
-                    counts[key] = counts.get(key, 0) + 1
+        if not _drop_latest(self.recent, keys):
+            _drop_latest(self.left, keys)  # it had slid out already: the window is as it would be
             return
+        # push's bookkeeping, which push keeps inline: it runs on every call
+        counts = self.counts
+        for key in keys:
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+        if self.left:  # the call it pushed out slides back in
+            back = self.left.pop()
+            self.recent.appendleft(back)
+            for key in back:
+                counts[key] = counts.get(key, 0) + 1
+
+
+def _drop_latest(calls: deque[tuple[Hashable, ...]], keys: tuple[Hashable, ...]) -> bool:
+    """Remove the newest entry equal to ``keys``; whether there was one."""
+    for i in range(len(calls) - 1, -1, -1):
+        if calls[i] == keys:
+            del calls[i]
+            return True
+    return False
 
 
 def _window(guard: object, window: int, account: Account) -> _Window:
